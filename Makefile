@@ -1,0 +1,42 @@
+# Two commands: `make demo` and `make test`. Everything installs into .venv with pip
+# (uv/poetry don't see the local CPU torch wheel). A second `make setup` reinstalls nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+TORCH_STACK := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+
+.PHONY: setup demo test lint typecheck protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_STACK)
+	# torchrec's metadata asks for the CUDA fbgemm-gpu: install it alone, without dependencies.
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) install -q -r requirements/cpu.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ranker demo --workdir .demo
+
+test: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+typecheck: setup
+	$(VENV)/bin/mypy features ranking serving pipelines
+
+protos: setup
+	PYTHON=$(PY) protos/generate.sh
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,303 @@
+"""Fit on a training window, then transform any frame (offline or one serving request) identically.
+
+The fitted transform holds vocabularies (value -> id, 0 reserved for out-of-vocabulary and null)
+and numeric statistics. It is saved as JSON with a content hash and shipped inside the inference
+artifact, so serving applies exactly the expressions training used: one implementation.
+
+Model-ready columns: ``s_<feature>`` (Int64 ids; List(Int64) when multi-valued), ``d_<feature>``
+(Float32, standardised), ``y_<task>`` (Float32 on the task's label scale, null if missing),
+``position`` (Int64, clipped), plus the spec's keys and passthrough columns.
+
+Example:
+    >>> import polars as pl
+    >>> from features.spec import load_spec
+    >>> from features.synthetic import SynthConfig, generate_day
+    >>> spec = load_spec("synthetic")
+    >>> raw = generate_day(SynthConfig(users=20, items=50, requests_per_day=10, slate_size=5), 0)
+    >>> fitted = FittedTransform.fit(raw.lazy(), spec)
+    >>> fitted.transform(raw.lazy()).collect().height
+    50
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from features.spec import DenseFeature, FeatureSpec, SparseFeature, parse_spec
+
+FORMAT_VERSION = 1
+OOV = 0  # id of out-of-vocabulary and null values in every table
+
+
+def sparse_col(name: str) -> str:
+    return f"s_{name}"
+
+
+def dense_col(name: str) -> str:
+    return f"d_{name}"
+
+
+def label_col(task: str) -> str:
+    return f"y_{task}"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Raw values in id order; value ``values[i]`` has id ``i + 1``."""
+
+    values: list[Any]
+
+    @property
+    def size(self) -> int:
+        """Rows the embedding table needs (values plus the OOV id)."""
+        return len(self.values) + 1
+
+
+@dataclass(frozen=True)
+class NumericStats:
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class FittedTransform:
+    """Vocabularies and statistics fitted on one training window, plus the spec they belong to."""
+
+    spec: FeatureSpec
+    vocabs: dict[str, Vocab]
+    numeric: dict[str, NumericStats]
+    window: dict[str, str] = field(default_factory=dict)  # {"start": iso, "end": iso} of the fit data
+    rows: int = 0
+    raw_types: dict[str, str] = field(default_factory=dict)  # raw input column -> int|float|str|list[...]
+
+    # ------------------------------------------------------------------ fit
+    @classmethod
+    def fit(cls, lf: pl.LazyFrame, spec: FeatureSpec) -> FittedTransform:
+        """Fit vocabularies (by ``min_count``, most frequent first) and numeric statistics."""
+        vocabs = {f.name: _fit_vocab(lf, f) for f in spec.sparse}
+        exprs = []
+        for d in spec.dense:
+            x = _dense_pre(d)
+            exprs += [x.mean().alias(f"{d.name}.mean"), x.std().alias(f"{d.name}.std")]
+        ts = pl.col(spec.keys.timestamp)
+        exprs += [pl.len().alias("__rows"), ts.min().alias("__start"), ts.max().alias("__end")]
+        row = lf.select(exprs).collect().row(0, named=True)
+        numeric = {
+            d.name: NumericStats(
+                mean=float(row[f"{d.name}.mean"] or 0.0), std=float(row[f"{d.name}.std"] or 1.0) or 1.0
+            )
+            for d in spec.dense
+        }
+        window = {"start": str(row["__start"]), "end": str(row["__end"])}
+        schema = lf.collect_schema()
+        inputs = [f.raw for f in spec.sparse] + [d.raw for d in spec.dense]
+        raw_types = {c: _kind(schema[c]) for c in dict.fromkeys(inputs)}
+        return cls(
+            spec=spec,
+            vocabs=vocabs,
+            numeric=numeric,
+            window=window,
+            rows=int(row["__rows"]),
+            raw_types=raw_types,
+        )
+
+    # ------------------------------------------------------------ transform
+    def expressions(self) -> list[pl.Expr]:
+        """Polars expressions from raw columns to model-ready columns (keys not included)."""
+        spec = self.spec
+        exprs: list[pl.Expr] = []
+        for f in spec.sparse:
+            exprs.append(self._encode(f).alias(sparse_col(f.name)))
+        for d in spec.dense:
+            st = self.numeric[d.name]
+            z = ((_dense_pre(d) - st.mean) / st.std).fill_null(0.0).fill_nan(0.0)
+            exprs.append(z.cast(pl.Float32).alias(dense_col(d.name)))
+        if spec.position is not None:
+            p = spec.position
+            exprs.append(
+                pl.col(p.column).cast(pl.Int64).clip(0, p.max_position).fill_null(0).alias("position")
+            )
+        return exprs
+
+    def label_expressions(self) -> list[pl.Expr]:
+        out = []
+        for t in self.spec.tasks:
+            y = pl.col(t.label).cast(pl.Float32)
+            if t.label_transform == "log1p":
+                y = y.clip(lower_bound=0.0).log1p()
+            out.append(y.alias(label_col(t.name)))
+        return out
+
+    def transform(self, lf: pl.LazyFrame, with_labels: bool = True) -> pl.LazyFrame:
+        """Raw impressions -> model-ready rows (keys, features, labels, passthrough)."""
+        spec = self.spec
+        keys = [spec.keys.request, spec.keys.user, spec.keys.item, spec.keys.timestamp]
+        names = set(lf.collect_schema().names())
+        passthrough = [pl.col(c) for c in spec.passthrough if c in names]
+        exprs = [pl.col(k) for k in keys] + self.expressions()
+        if with_labels:
+            exprs += self.label_expressions()
+        return lf.select(exprs + passthrough)
+
+    def transform_request(
+        self,
+        user: dict[str, Any],
+        context: dict[str, Any],
+        candidates: dict[str, pl.Series | list[Any]],
+    ) -> pl.DataFrame:
+        """One serving request -> model-ready candidate rows, with no per-candidate Python loop.
+
+        User and context values are given once and broadcast to every candidate; candidate
+        features are columns. The same expressions as :meth:`transform` are applied.
+
+        Raises:
+            ValueError: a required feature is missing or columns have different lengths.
+        """
+        spec = self.spec
+        lengths = {k: len(v) for k, v in candidates.items()}
+        n = next(iter(lengths.values()), 0)
+        for k, ln in lengths.items():
+            if ln != n:
+                raise ValueError(f"candidate column {k!r} has {ln} values, expected {n}")
+        cols: dict[str, pl.Series] = {}
+        for source, given in (("user", user), ("context", context)):
+            for c in spec.features_from(source):  # type: ignore[arg-type]
+                if c not in given:
+                    raise ValueError(f"missing {source} feature {c!r}")
+        for c in spec.features_from("item"):
+            if c not in candidates:
+                raise ValueError(f"missing candidate feature {c!r}")
+            cols[c] = self._typed(c, candidates[c])
+        frame = pl.DataFrame(cols, height=n)
+        broadcast = [
+            pl.lit(self._typed(c, [given[c]])[0], dtype=_DTYPES[self.raw_types[c]]).alias(c)
+            for source, given in (("user", user), ("context", context))
+            for c in spec.features_from(source)  # type: ignore[arg-type]
+        ]
+        return frame.lazy().with_columns(broadcast).select(self.expressions_without_position()).collect()
+
+    def _typed(self, column: str, values: pl.Series | list[Any]) -> pl.Series:
+        """Values of one raw column in the dtype seen at fit time; a mismatch names the column."""
+        kind = self.raw_types[column]
+        try:
+            return pl.Series(column, values, strict=False).cast(_DTYPES[kind], strict=True)
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
+            first = values[0] if len(values) else None
+            raise ValueError(f"feature {column!r} expects {kind} values, got {first!r}") from e
+
+    def expressions_without_position(self) -> list[pl.Expr]:
+        """Serving inputs: position is a training-only signal and never reaches the scorer."""
+        return [e for e in self.expressions() if e.meta.output_name() != "position"]
+
+    def _encode(self, f: SparseFeature) -> pl.Expr:
+        vocab = self.vocabs[f.name]
+        ids = list(range(1, vocab.size))
+        if f.multi:
+            return (
+                pl.col(f.raw)
+                .list.head(f.max_len)
+                .list.eval(pl.element().replace_strict(vocab.values, ids, default=OOV, return_dtype=pl.Int64))
+            )
+        return pl.col(f.raw).replace_strict(vocab.values, ids, default=OOV, return_dtype=pl.Int64)
+
+    # ----------------------------------------------------------- save/load
+    def to_dict(self) -> dict[str, Any]:
+        body = {
+            "format_version": FORMAT_VERSION,
+            "spec": self.spec.model_dump(mode="json"),
+            "vocabs": {k: v.values for k, v in self.vocabs.items()},
+            "numeric": {k: {"mean": v.mean, "std": v.std} for k, v in self.numeric.items()},
+            "window": self.window,
+            "rows": self.rows,
+            "raw_types": self.raw_types,
+        }
+        body["content_hash"] = _hash(body)
+        return body
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.to_dict()["content_hash"])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), sort_keys=True))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FittedTransform:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported fitted transform format_version {data.get('format_version')!r}")
+        expected = data.get("content_hash")
+        if expected is not None and _hash({k: v for k, v in data.items() if k != "content_hash"}) != expected:
+            raise ValueError(f"fitted transform content_hash mismatch (file says {expected!r})")
+        return cls(
+            spec=parse_spec(data["spec"], origin="fitted transform"),
+            vocabs={k: Vocab(list(v)) for k, v in data["vocabs"].items()},
+            numeric={k: NumericStats(**v) for k, v in data["numeric"].items()},
+            window=dict(data.get("window", {})),
+            rows=int(data.get("rows", 0)),
+            raw_types=dict(data.get("raw_types", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> FittedTransform:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_DTYPES: dict[str, pl.DataType] = {
+    "int": pl.Int64(),
+    "float": pl.Float64(),
+    "str": pl.String(),
+    "list[int]": pl.List(pl.Int64),
+    "list[str]": pl.List(pl.String),
+}
+
+
+def _kind(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.List):
+        inner = _kind(dtype.inner)
+        if inner not in ("int", "str"):
+            raise ValueError(f"list columns must hold ints or strings, got {dtype}")
+        return f"list[{inner}]"
+    if dtype.is_integer():
+        return "int"
+    if dtype.is_float():
+        return "float"
+    if dtype == pl.String or dtype == pl.Categorical:
+        return "str"
+    raise ValueError(f"unsupported raw column dtype {dtype}")
+
+
+def _dense_pre(d: DenseFeature) -> pl.Expr:
+    x = pl.col(d.raw).cast(pl.Float64)
+    if d.clip_min is not None:
+        x = x.clip(lower_bound=d.clip_min)
+    if d.transform == "log1p":
+        x = x.clip(lower_bound=0.0).log1p()
+    return x
+
+
+def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
+    col = pl.col(f.raw)
+    if f.multi:
+        col = col.list.head(f.max_len).explode()
+    counts = (
+        lf.select(col.alias("v"))
+        .drop_nulls()
+        .group_by("v")
+        .agg(pl.len().alias("n"))
+        .filter(pl.col("n") >= f.min_count)
+        .sort(["n", "v"], descending=[True, False])
+        .collect()
+    )
+    return Vocab(counts["v"].to_list())

@@ -1,0 +1,162 @@
+"""The feature spec: one declarative file per dataset says what every column is.
+
+Everything downstream (embedding tables, towers, metrics, serving decode, response fields)
+derives from it; nothing repeats it.
+
+Example:
+    >>> spec = load_spec("synthetic")
+    >>> [t.name for t in spec.tasks]
+    ['click', 'watch_time', 'like', 'dismiss']
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Source = Literal["user", "context", "item"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Keys(_Frozen):
+    """Columns that identify an impression; none of them is a model input by itself."""
+
+    request: str = "request_id"
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "ts"
+
+
+class SparseFeature(_Frozen):
+    """A categorical id (single-valued) or a list of ids (multi-valued, pooled)."""
+
+    name: str
+    source: Source
+    column: str | None = None  # raw column; defaults to `name`
+    multi: bool = False
+    pooling: Literal["sum", "mean"] = "sum"
+    max_len: int = Field(default=8, ge=1)  # multi-valued lists are truncated to this length
+    min_count: int = Field(default=1, ge=1)  # rarer values map to the out-of-vocabulary id 0
+    embedding_dim: int = Field(default=16, ge=1)
+
+    @property
+    def raw(self) -> str:
+        return self.column or self.name
+
+
+class DenseFeature(_Frozen):
+    """A numeric input; `transform` is applied before standardisation with training statistics."""
+
+    name: str
+    source: Source
+    column: str | None = None
+    transform: Literal["none", "log1p"] = "none"
+    clip_min: float | None = None
+
+    @property
+    def raw(self) -> str:
+        return self.column or self.name
+
+
+class Position(_Frozen):
+    """Display position (0 = top); used by the position-bias tower in training only."""
+
+    column: str = "position"
+    max_position: int = Field(default=31, ge=1)  # larger positions share the last bucket
+
+
+class Task(_Frozen):
+    """One prediction objective."""
+
+    name: str
+    type: Literal["binary", "regression"]
+    label: str  # raw label column
+    label_transform: Literal["none", "log1p"] = "none"  # regression target scale
+    group: Literal["engagement", "satisfaction"]
+    loss_weight: float = Field(default=1.0, ge=0.0)
+    serving_weight: float = Field(default=1.0, ge=0.0)
+    higher_is_better: bool = True  # False (e.g. dismiss): the combined score subtracts it
+
+
+class Split(_Frozen):
+    """Time-based split: the last `validation_days` days of the window are held out."""
+
+    validation_days: int = Field(default=1, ge=1)
+
+
+class FeatureSpec(_Frozen):
+    """The whole declaration for one dataset."""
+
+    name: str
+    keys: Keys = Keys()
+    sparse: tuple[SparseFeature, ...]
+    dense: tuple[DenseFeature, ...] = ()
+    position: Position | None = Position()
+    tasks: tuple[Task, ...]
+    passthrough: tuple[str, ...] = ()  # carried to model-ready data untouched (e.g. true relevance)
+    split: Split = Split()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeatureSpec:
+        for kind, names in (
+            ("feature", [f.name for f in self.sparse] + [f.name for f in self.dense]),
+            ("task", [t.name for t in self.tasks]),
+        ):
+            seen: set[str] = set()
+            for n in names:
+                if n in seen:
+                    raise ValueError(f"duplicate {kind} name {n!r}")
+                seen.add(n)
+        if not self.tasks:
+            raise ValueError("a spec needs at least one task")
+        return self
+
+    def features_from(self, source: Source) -> list[str]:
+        """Raw input columns that come from one source (user, context or item)."""
+        cols = [f.raw for f in self.sparse if f.source == source]
+        cols += [f.raw for f in self.dense if f.source == source]
+        return list(dict.fromkeys(cols))
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task {name!r}; known: {[t.name for t in self.tasks]}")
+
+
+def load_spec(name_or_path: str | Path) -> FeatureSpec:
+    """Load a spec by bundled dataset name (``"synthetic"``) or from a YAML file path.
+
+    Raises:
+        ValueError: the file does not exist or breaks the schema; the message names the field.
+    """
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"}:
+        if not path.is_file():
+            raise ValueError(f"spec file not found: {str(path)!r}")
+        text = path.read_text()
+    else:
+        res = resources.files("features") / "specs" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ValueError(f"unknown dataset spec {str(name_or_path)!r}")
+        text = res.read_text()
+    return parse_spec(yaml.safe_load(text), origin=str(name_or_path))
+
+
+def parse_spec(data: object, origin: str = "<dict>") -> FeatureSpec:
+    """Validate a spec dict; errors name the offending field and value."""
+    try:
+        return FeatureSpec.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ValueError(
+            f"invalid feature spec {origin}: field {loc!r}: {first['msg']} (got {first.get('input')!r})"
+        ) from None

@@ -1,0 +1,235 @@
+"""The ``ranker`` command line: thin commands that parse into typed configs and call library code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(help="MMoE multi-task ranker: data, features, training, serving.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+features_app = typer.Typer(help="Feature pipelines.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn user errors into one readable line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@data_app.command("synth")
+@friendly
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder (date=YYYY-MM-DD/ partitions).")],
+    days: Annotated[int | None, typer.Option(help="Days of impressions.")] = None,
+    users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
+    items: Annotated[int | None, typer.Option(help="Number of items.")] = None,
+    requests_per_day: Annotated[int | None, typer.Option(help="Requests per day.")] = None,
+    slate_size: Annotated[int | None, typer.Option(help="Candidates shown per request.")] = None,
+    correlation: Annotated[float | None, typer.Option(help="Engagement/satisfaction correlation.")] = None,
+    position_bias: Annotated[float | None, typer.Option(help="Exponent of the examination curve.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+) -> None:
+    """Write a synthetic YouTube-like impression log as date-partitioned Parquet."""
+    from features.synthetic import config_with, write_log
+
+    cfg = config_with(
+        days=days, users=users, items=items, requests_per_day=requests_per_day, slate_size=slate_size,
+        correlation=correlation, position_bias=position_bias, seed=seed,
+    )
+    paths = write_log(cfg, out)
+    rows = cfg.days * cfg.requests_per_day * cfg.slate_size
+    typer.echo(f"wrote {rows} impressions in {len(paths)} daily partitions under {out}")
+
+
+@features_app.command("build")
+@friendly
+def features_build(
+    input: Annotated[Path, typer.Option(help="Raw log: a Parquet file or a folder of them.")],
+    out: Annotated[Path, typer.Option(help="Output folder for model-ready data.")],
+    dataset: Annotated[str, typer.Option(help="Dataset whose bundled spec to use.")] = "synthetic",
+    spec: Annotated[Path | None, typer.Option(help="A spec YAML file (overrides --dataset).")] = None,
+    train_end: Annotated[str | None, typer.Option(help="Last training day YYYY-MM-DD.")] = None,
+) -> None:
+    """Split by time, fit the transform on the training window, write model-ready Parquet."""
+    from features.build import build
+    from features.spec import load_spec
+
+    end = None
+    if train_end is not None:
+        try:
+            end = date.fromisoformat(train_end)
+        except ValueError:
+            raise ValueError(f"--train-end must be YYYY-MM-DD, got {train_end!r}") from None
+    summary = build(input, load_spec(spec or dataset), out, end)
+    typer.echo(f"dataset {summary.dataset}: rows {summary.rows}")
+    typer.echo(f"train window {summary.train_window}  validation {summary.val_window}")
+    for split, rates in summary.label_rates.items():
+        typer.echo(f"label means ({split}): " + ", ".join(f"{k}={v:.4f}" for k, v in rates.items()))
+    typer.echo("vocab sizes: " + ", ".join(f"{k}={v}" for k, v in summary.vocab_sizes.items()))
+    typer.echo(f"fitted transform {summary.transform_hash} -> {out / 'transform.json'}")
+
+
+@app.command("train")
+@friendly
+def train_cmd(
+    features: Annotated[Path, typer.Option(help="Output of `ranker features build`.")],
+    model: Annotated[str, typer.Option(help="Model family.")] = "mmoe",
+    out: Annotated[Path, typer.Option(help="Folder for checkpoints, artifact, metrics.json.")] = Path(
+        "runs/latest"
+    ),
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 1024,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = 0,
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator (auto, cpu, gpu).")] = "auto",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Model config override key=value (repeatable).")
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "ranker",
+    register_as: Annotated[str, typer.Option(help="Registered model name ('' = don't register).")] = "ranker",
+    alias: Annotated[str, typer.Option(help="Alias to point at the new version ('' = none).")] = "champion",
+) -> None:
+    """Train a model, export the inference artifact, log to MLflow and register it."""
+    from pipelines.tracking import default_tracking_uri
+    from pipelines.train import TrainConfig, parse_overrides, train
+
+    _setup_logging()
+    cfg = TrainConfig(
+        features=features, out=out, tracking_uri=tracking_uri or default_tracking_uri(), model=model,
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, accelerator=accelerator,
+        experiment=experiment, register_as=register_as or None, alias=alias or None,
+        model_overrides=parse_overrides(set_ or []),
+    )
+    result = train(cfg)
+    shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/")}
+    typer.echo(json.dumps(shown, indent=1))
+    typer.echo(f"run {result.run_id}; artifact {result.artifact}; registered version {result.model_version}")
+
+
+@app.command("serve")
+@friendly
+def serve_cmd(
+    model: Annotated[str, typer.Option(help="models:/name@alias, models:/name/version or a folder.")] = (
+        "models:/ranker@champion"
+    ),
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
+    max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = 1000,
+    ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here when serving.")] = None,
+) -> None:
+    """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM."""
+    import asyncio
+
+    from pipelines.tracking import default_tracking_uri
+    from serving.server import serve
+
+    _setup_logging()
+    asyncio.run(
+        serve(
+            model, host=host, port=port, tracking_uri=tracking_uri or default_tracking_uri(),
+            max_candidates=max_candidates, ready_file=str(ready_file) if ready_file else None,
+        )
+    )
+
+
+@app.command("rank")
+@friendly
+def rank_cmd(
+    target: Annotated[str, typer.Option(help="host:port of a running `ranker serve`.")] = "127.0.0.1:50051",
+    log: Annotated[Path | None, typer.Option(help="Take the request from this raw log.")] = None,
+    request: Annotated[Path | None, typer.Option(help="A JSON request {user, context, candidates, item_ids}.")]
+    = None,
+    index: Annotated[int, typer.Option(help="Which request of --log (time order; -1 = last).")] = -1,
+    dataset: Annotated[str, typer.Option(help="Spec that names user/context/item columns of --log.")] = (
+        "synthetic"
+    ),
+    top_k: Annotated[int, typer.Option(help="Candidates to return (0 = all).")] = 10,
+    weight: Annotated[
+        list[str] | None, typer.Option(help="Objective weight override name=value (repeatable).")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="Deadline of the call in seconds.")] = 5.0,
+) -> None:
+    """Send one Rank call and print the ranked list with each objective's score."""
+    import grpc
+
+    from features.spec import load_spec
+    from pipelines.requests import RawRequest, request_from_log
+    from serving.client import RankerClient, format_ranking
+
+    if (log is None) == (request is None):
+        raise ValueError("give exactly one of --log or --request")
+    if log is not None:
+        req = request_from_log(log, load_spec(dataset), index)
+    else:
+        assert request is not None
+        body = json.loads(Path(request).read_text())
+        req = RawRequest(str(body.get("request_id", "")), body["user"], body["context"],
+                         body["candidates"], body["item_ids"])
+    weights = {}
+    for w in weight or []:
+        name, _, value = w.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--weight expects name=number, got {w!r}") from None
+    try:
+        with RankerClient(target) as client:
+            resp = client.rank(req.user, req.context, req.candidates, req.item_ids,
+                               objective_weights=weights or None, top_k=top_k,
+                               request_id=req.request_id, timeout_s=timeout_s)
+    except grpc.RpcError as e:
+        typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_ranking(resp, limit=top_k or len(resp.candidates)))
+
+
+@app.command("demo")
+@friendly
+def demo_cmd(
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for data, features and runs.")] = Path(".demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
+    days: Annotated[int, typer.Option(help="Synthetic days.")] = 7,
+    requests_per_day: Annotated[int, typer.Option(help="Synthetic requests per day.")] = 3000,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
+) -> None:
+    """The whole path: synth -> features -> train -> register -> serve -> one Rank call -> stop."""
+    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.tracking import default_tracking_uri
+
+    _setup_logging()
+    run_demo(DemoConfig(workdir=workdir, epochs=epochs, days=days, requests_per_day=requests_per_day,
+                        tracking_uri=tracking_uri or default_tracking_uri()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,73 @@
+"""MLflow wiring: where the store is, which experiment, and registering an inference artifact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+DEFAULT_DIR = ".mlflow"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a sqlite store in the project-local ``.mlflow/``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(DEFAULT_DIR).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Refuse the legacy file store (MLflow 3 does too, less clearly) and bare paths."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        raise ValueError(
+            f"tracking URI {uri!r} is a file store; use sqlite:///path/to/mlflow.db or an http(s) server"
+        )
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a local sqlite store, keep artifacts in an ``artifacts/`` folder beside the database."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None  # a tracking server decides
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it with the right artifact location when new."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    return str(client.create_experiment(name, artifact_location=artifact_location(uri)))
+
+
+def register_artifact(
+    uri: str, run_id: str, artifact_path: str, name: str, alias: str | None, description: str = ""
+) -> ModelVersion:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``; point ``alias`` at it."""
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.create_registered_model(name, description="MMoE multi-task ranker (inference artifact)")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id, description=description)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+def set_tracking(uri: str) -> None:
+    mlflow.set_tracking_uri(check_tracking_uri(uri))

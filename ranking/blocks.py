@@ -1,0 +1,89 @@
+"""Small named parts the ranking models are assembled from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Linear -> ReLU (-> Dropout) per width in ``dims``.
+
+    Args:
+        in_dim: input width.
+        dims: output width of each layer; the last is the block's output width.
+        dropout: dropout after each activation (0 = none).
+
+    Example:
+        >>> MLP(8, (16, 4))(torch.zeros(2, 8)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        for d in dims:
+            layers += [nn.Linear(in_dim, d), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_dim = d
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
+class Expert(MLP):
+    """One expert network of a mixture: (B, D_in) -> (B, D_expert)."""
+
+
+class Gate(nn.Module):
+    """A task's softmax gate over E experts, computed in float32.
+
+    Returns weights of shape (B, E) summing to 1 along E.
+
+    Example:
+        >>> Gate(8, 3)(torch.zeros(2, 8)).sum(-1)
+        tensor([1., 1.])
+    """
+
+    def __init__(self, in_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(x).float()  # (B, E); softmax in float32 even under mixed precision
+        return torch.softmax(logits, dim=-1)
+
+
+class Tower(nn.Module):
+    """A task tower: MLP then a single output logit, (B, D) -> (B,)."""
+
+    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, dims, dropout)
+        self.out = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x)).squeeze(-1)
+
+
+class PositionBiasTower(nn.Module):
+    """Shallow tower (YouTube, Zhao et al. 2019): a per-position logit added in training only.
+
+    A share ``dropout`` of training rows gets the reserved "unknown position" bucket so the main
+    towers do not learn to lean on it; at serving the tower is not called at all.
+    """
+
+    def __init__(self, buckets: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.buckets = buckets
+        self.dropout = dropout
+        self.bias = nn.Embedding(buckets + 1, 1)  # last row: unknown / dropped position
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, position: torch.Tensor) -> torch.Tensor:
+        pos = position.clamp(0, self.buckets - 1)
+        if self.training and self.dropout > 0:
+            drop = torch.rand(pos.shape, device=pos.device) < self.dropout
+            pos = torch.where(drop, torch.full_like(pos, self.buckets), pos)
+        return self.bias(pos).squeeze(-1)  # (B,)
