@@ -183,18 +183,12 @@ def rank_cmd(
     import grpc
 
     from features.spec import load_spec
-    from pipelines.requests import RawRequest, request_from_log
+    from pipelines.requests import request_from_log
     from serving.client import RankerClient, format_ranking
 
     if (log is None) == (request is None):
         raise ValueError("give exactly one of --log or --request")
-    if log is not None:
-        req = request_from_log(log, load_spec(dataset), index)
-    else:
-        assert request is not None
-        body = json.loads(Path(request).read_text())
-        req = RawRequest(str(body.get("request_id", "")), body["user"], body["context"],
-                         body["candidates"], body["item_ids"])
+    req = request_from_log(log, load_spec(dataset), index) if log is not None else _read_request(request)
     weights = {}
     for w in weight or []:
         name, _, value = w.partition("=")
@@ -211,6 +205,21 @@ def rank_cmd(
         typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_ranking(resp, limit=top_k or len(resp.candidates)))
+
+
+def _read_request(path: Path | None) -> Any:
+    from pipelines.requests import RawRequest
+
+    if path is None or not path.is_file():
+        raise ValueError(f"request file not found: {str(path)!r}")
+    try:
+        body = json.loads(path.read_text())
+        return RawRequest(str(body.get("request_id", "")), body["user"], body["context"],
+                          body["candidates"], body["item_ids"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"request file {str(path)!r} is not valid JSON: {e}") from None
+    except KeyError as e:
+        raise ValueError(f"request file {str(path)!r} lacks field {e}") from None
 
 
 @app.command("demo")

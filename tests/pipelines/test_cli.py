@@ -1,0 +1,49 @@
+"""The ranker CLI: --help everywhere, and bad input gives one readable line with a non-zero exit."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["features", "build"], ["train"], ["serve"],
+                                 ["rank"], ["demo"]])
+def test_help(cmd: list[str]) -> None:
+    result = runner.invoke(app, [*cmd, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_synth_then_build(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "log"), "--days", "2", "--users", "30",
+                            "--items", "100", "--requests-per-day", "20", "--slate-size", "5"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 200 impressions in 2 daily partitions" in r.output
+    r = runner.invoke(app, ["features", "build", "--input", str(tmp_path / "log"), "--out", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    assert "rows {'train': 100, 'val': 100}" in r.output
+    assert (tmp_path / "f" / "transform.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "synth", "--out", "x", "--correlation", "2"], "correlation must be in [-1, 1], got 2.0"),
+        (["features", "build", "--input", "nowhere", "--out", "o"], "input not found: 'nowhere'"),
+        (["features", "build", "--input", ".", "--out", "o", "--dataset", "imdb"], "unknown dataset spec 'imdb'"),
+        (["train", "--features", "nowhere"], "not a features folder"),
+        (["rank"], "give exactly one of --log or --request"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args: list[str], message: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert message in lines[0]
