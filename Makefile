@@ -14,9 +14,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_STACK)
-	# torchrec's metadata asks for the CUDA fbgemm-gpu: install it alone, without dependencies.
-	$(PIP) install -q --no-deps torchrec==1.8.0
 	$(PIP) install -q -r requirements/cpu.txt
+	@# torchrec's metadata asks for the CUDA fbgemm-gpu (and an old torchmetrics): install it last,
+	@# alone, without dependencies; fbgemm-gpu-cpu above provides its kernels.
+	$(PIP) install -q --no-deps torchrec==1.8.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
