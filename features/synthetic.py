@@ -95,7 +95,9 @@ def _world(cfg: SynthConfig) -> _World:
     # Tags are drawn from a pool tied to the category, so they carry signal about the item.
     tag_base = item_category * (cfg.tags // cfg.categories)
     tag_ids = (tag_base[:, None] + rng.integers(0, max(cfg.tags // cfg.categories, 1) + 3, (cfg.items, 4)))
-    item_tags = [[f"tag_{t % cfg.tags}" for t in dict.fromkeys(row[:n])] for row, n in zip(tag_ids, n_tags)]
+    item_tags = [
+        [f"tag_{t % cfg.tags}" for t in dict.fromkeys(row[:n])] for row, n in zip(tag_ids, n_tags, strict=True)
+    ]
     return _World(
         user_eng=rng.normal(0, 1.0, (cfg.users, k)) * 1.5,
         user_sat=rng.normal(0, 1.0, (cfg.users, k)) * 1.5,

@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
 from ranking.artifact import build_model, export_artifact
 from ranking.config import ModelConfig
 from ranking.data import RankingDataModule, load_features
 from ranking.module import RankingModule
-from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
 
 log = logging.getLogger("pipelines.train")
 MODELS = ("mmoe",)

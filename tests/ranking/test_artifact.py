@@ -23,6 +23,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory, small_features: Path) -> 
 
 def test_artifact_loads_without_pickle_and_scores_identically(artifact: Path, small_features: Path) -> None:
     model, cfg, fitted, meta = load_artifact(artifact)
+    assert not model.training and cfg.num_experts == 2 and fitted.spec.name == "synthetic"
     assert meta["default_weights"] == {"click": 1.0, "watch_time": 0.2, "like": 2.0, "dismiss": 1.0}
     assert meta["model_version"] == "7"
     # the weights file holds tensors only: the strict loader accepts it
