@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import date
@@ -154,6 +155,7 @@ def serve_cmd(
     from serving.server import serve
 
     _setup_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
     asyncio.run(
         serve(
             model, host=host, port=port, tracking_uri=tracking_uri or default_tracking_uri(),

@@ -42,8 +42,8 @@ class Gate(nn.Module):
     Returns weights of shape (B, E) summing to 1 along E.
 
     Example:
-        >>> Gate(8, 3)(torch.zeros(2, 8)).sum(-1)
-        tensor([1., 1.])
+        >>> Gate(8, 3)(torch.zeros(2, 8)).sum(-1).tolist()
+        [1.0, 1.0]
     """
 
     def __init__(self, in_dim: int, num_experts: int) -> None:

@@ -48,3 +48,16 @@ def test_missing_features_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_fitted_window_is_recorded(small_features: Path) -> None:
     fitted = FittedTransform.load(small_features / "transform.json")
     assert fitted.window["start"].startswith("2026-01-01")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_training(small_features: Path) -> None:
+    fitted = load_features(small_features)
+    cfg = ModelConfig.from_fitted(fitted, bottom_dims=(64,), expert_dims=(32,), tower_dims=(16,))
+    module = RankingModule(build_model(cfg), cfg)
+    trainer = L.Trainer(max_epochs=1, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=RankingDataModule(small_features, cfg, batch_size=256))
+    assert next(module.model.parameters()).device.type == "cuda"
+    assert float(trainer.callback_metrics["val/click/auc"]) > 0.6

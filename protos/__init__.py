@@ -1,0 +1,1 @@
+"""The service API: ``.proto`` files and their generated Python stubs (regenerate with ``protos/generate.sh``)."""

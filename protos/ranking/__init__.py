@@ -1,0 +1,1 @@
+"""Protos of the ``ranking`` API family (package ``ranking.v1`` and later versions)."""

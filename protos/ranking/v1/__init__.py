@@ -1,0 +1,1 @@
+"""``ranking.v1``: the Ranker service (``ranker.proto``) and its generated stubs."""

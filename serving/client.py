@@ -1,0 +1,236 @@
+"""A small synchronous client for ``ranking.v1.Ranker``: encode Python values, call, print a table.
+
+Example:
+    >>> with RankerClient("127.0.0.1:50051") as client:  # doctest: +SKIP
+    ...     client.wait_ready(timeout_s=30)
+    ...     resp = client.rank(
+    ...         user={"user_id": 7},
+    ...         context={"device": "ios", "surface": "home", "hour": 20},
+    ...         candidates={"creator_id": [3, 9], "category": ["cat_1", "cat_2"],
+    ...                     "tags": [["tag_1"], []], "duration_s": [30.0, 600.0],
+    ...                     "item_age_days": [1.0, 40.0]},
+    ...         item_ids=[101, 202],
+    ...     )
+    ...     print(format_ranking(resp))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.ranking.v1 import ranker_pb2 as pb
+from protos.ranking.v1 import ranker_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "ranking.v1.Ranker"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list | tuple | np.ndarray)
+
+
+def encode_value(v: Any, name: str = "value") -> pb.FeatureValue:
+    """One user/context value -> ``FeatureValue``; the oneof follows the Python type.
+
+    int -> ``int_value``, float -> ``float_value``, str -> ``string_value``, list of ints (or
+    empty) -> ``int_list``, list of str -> ``string_list``.
+
+    Raises:
+        TypeError: another type (bool, None, mixed lists ...); the message names ``name``.
+    """
+    if isinstance(v, str):
+        return pb.FeatureValue(string_value=v)
+    if _is_int(v):
+        return pb.FeatureValue(int_value=int(v))
+    if _is_float(v):
+        return pb.FeatureValue(float_value=float(v))
+    if _is_list(v):
+        items = list(v)
+        if all(isinstance(x, str) for x in items) and items:
+            return pb.FeatureValue(string_list=pb.StringList(values=items))
+        if all(_is_int(x) for x in items):
+            return pb.FeatureValue(int_list=pb.Int64List(values=[int(x) for x in items]))
+    raise TypeError(f"{name}: cannot encode {v!r}; expected int, float, str, list[int] or list[str]")
+
+
+def encode_column(values: Sequence[Any] | np.ndarray, name: str = "values") -> pb.FeatureColumn:
+    """One value per candidate -> ``FeatureColumn``; the oneof follows the element types.
+
+    All ints -> ``ints``; ints and floats -> ``floats``; all str -> ``strings``; lists ->
+    ``int_lists`` / ``string_lists`` (flattened with per-candidate lengths; all-empty -> ``int_lists``).
+
+    Raises:
+        TypeError: mixed or unsupported element types; the message names ``name``.
+    """
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iuf":
+        if values.dtype.kind == "f":
+            return pb.FeatureColumn(floats=pb.DoubleColumn(values=values.astype(np.float64).tolist()))
+        return pb.FeatureColumn(ints=pb.Int64Column(values=values.astype(np.int64).tolist()))
+    items = list(values)
+    if all(isinstance(v, str) for v in items):
+        return pb.FeatureColumn(strings=pb.StringColumn(values=items))
+    if all(_is_int(v) for v in items):
+        return pb.FeatureColumn(ints=pb.Int64Column(values=[int(v) for v in items]))
+    if all(_is_float(v) for v in items):
+        return pb.FeatureColumn(floats=pb.DoubleColumn(values=[float(v) for v in items]))
+    if all(_is_list(v) for v in items):
+        flat = [x for v in items for x in v]
+        lengths = [len(v) for v in items]
+        if flat and all(isinstance(x, str) for x in flat):
+            return pb.FeatureColumn(string_lists=pb.StringListColumn(values=flat, lengths=lengths))
+        if all(_is_int(x) for x in flat):
+            ints = [int(x) for x in flat]
+            return pb.FeatureColumn(int_lists=pb.Int64ListColumn(values=ints, lengths=lengths))
+    bad = next((v for v in items if type(v) is not type(items[0])), items[0] if items else None)
+    raise TypeError(
+        f"{name}: cannot encode a column holding {bad!r}; expected all ints, floats, str, lists of ints or lists of str"
+    )
+
+
+def build_request(
+    user: Mapping[str, Any],
+    context: Mapping[str, Any],
+    candidates: Mapping[str, Sequence[Any] | np.ndarray],
+    item_ids: Sequence[Any] | np.ndarray,
+    objective_weights: Mapping[str, float] | None = None,
+    top_k: int = 0,
+    request_id: str = "",
+    model_version: str = "",
+) -> pb.RankRequest:
+    """Python values -> ``RankRequest`` (see :meth:`RankerClient.rank` for the arguments)."""
+    return pb.RankRequest(
+        request_id=request_id,
+        user={k: encode_value(v, f"user[{k!r}]") for k, v in user.items()},
+        context={k: encode_value(v, f"context[{k!r}]") for k, v in context.items()},
+        candidates=pb.Candidates(
+            item_ids=encode_column(item_ids, "item_ids"),
+            features={k: encode_column(v, f"candidates[{k!r}]") for k, v in candidates.items()},
+        ),
+        objective_weights=dict(objective_weights or {}),
+        top_k=top_k,
+        model_version=model_version,
+    )
+
+
+class RankerClient:
+    """A blocking client over one insecure channel; use it as a context manager.
+
+    Args:
+        target: ``host:port`` of the server (e.g. ``"127.0.0.1:50051"``).
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel = grpc.insecure_channel(target)
+        self._ranker = pb_grpc.RankerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> RankerClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def rank(
+        self,
+        user: Mapping[str, Any],
+        context: Mapping[str, Any],
+        candidates: Mapping[str, Sequence[Any] | np.ndarray],
+        item_ids: Sequence[Any] | np.ndarray,
+        objective_weights: Mapping[str, float] | None = None,
+        top_k: int = 0,
+        request_id: str = "",
+        timeout_s: float = 5.0,
+        model_version: str = "",
+    ) -> pb.RankResponse:
+        """Rank candidates for one user in one context.
+
+        Args:
+            user, context: raw feature name -> value (sent once).
+            candidates: raw feature name -> one value per item id (column-wise), the item key excluded.
+            item_ids: the candidates' ids (ints or str, as the spec's item key).
+            objective_weights: task -> weight overrides of the combined score (>= 0).
+            top_k: candidates to return, best first; 0 returns all.
+            request_id: echoed back in the response.
+            timeout_s: deadline of the call, seconds.
+            model_version: optional pin; a mismatch fails with FAILED_PRECONDITION.
+
+        Raises:
+            grpc.RpcError: a non-OK status (INVALID_ARGUMENT names the field in ``details()``).
+            TypeError: a value that cannot be encoded.
+        """
+        req = build_request(user, context, candidates, item_ids, objective_weights, top_k, request_id, model_version)
+        resp: pb.RankResponse = self._ranker.Rank(req, timeout=timeout_s)
+        return resp
+
+    def health(self, service: str = SERVICE_NAME, timeout_s: float = 1.0) -> int:
+        """The health status of ``service`` (a ``HealthCheckResponse.ServingStatus`` value)."""
+        req = health_pb2.HealthCheckRequest(service=service)
+        return int(self._health.Check(req, timeout=timeout_s).status)
+
+    def wait_ready(self, timeout_s: float = 30.0, poll_s: float = 0.1) -> None:
+        """Poll the health service until ``ranking.v1.Ranker`` is SERVING.
+
+        Raises:
+            TimeoutError: not SERVING within ``timeout_s`` seconds (the last status or error is named).
+        """
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status = self.health(timeout_s=max(0.05, min(1.0, deadline - time.monotonic())))
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)  # type: ignore[arg-type]
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(poll_s)
+        raise TimeoutError(f"{self.target}: {SERVICE_NAME} not SERVING after {timeout_s}s (last: {last})")
+
+
+def format_ranking(resp: pb.RankResponse, limit: int = 10) -> str:
+    """A fixed-width table of the first ``limit`` candidates: rank, item_id, score, one column per objective.
+
+    Example:
+        >>> r = pb.RankResponse(model_name="ranker", model_version="3")
+        >>> _ = r.candidates.add(item_id="42", index=1, score=1.5, objective_scores={"click": 0.25})
+        >>> print(format_ranking(r))
+        ranker v3, 1 candidates
+        rank  item_id      score      click
+           1  42          1.5000     0.2500
+    """
+    shown = list(resp.candidates)[:limit]
+    objectives = sorted({t for c in shown for t in c.objective_scores})
+    id_w = max([7, *(len(c.item_id) for c in shown)])
+    obj_w = [max(9, len(t)) for t in objectives]
+    head = f"{'rank':>4}  {'item_id':<{id_w}}  {'score':>9}" + "".join(
+        f"  {t:>{w}}" for t, w in zip(objectives, obj_w, strict=True)
+    )
+    timing = f", {resp.server_time_us / 1000:.1f} ms on the server" if resp.server_time_us else ""
+    lines = [f"{resp.model_name} v{resp.model_version}, {len(resp.candidates)} candidates{timing}", head]
+    for r, c in enumerate(shown, start=1):
+        row = f"{r:>4}  {c.item_id:<{id_w}}  {c.score:>9.4f}" + "".join(
+            f"  {c.objective_scores[t]:>{w}.4f}" for t, w in zip(objectives, obj_w, strict=True)
+        )
+        lines.append(row)
+    return "\n".join(lines)
