@@ -174,7 +174,7 @@ def test_client_ranks_against_the_server(server: Any, raw_request: Any, model: I
     _, combined = _expected(model, raw_request, {"like": 3.0})
     assert [c.index for c in resp.candidates] == np.argsort(-combined, kind="stable")[:5].tolist()
     table = format_ranking(resp, limit=3).splitlines()
-    assert table[0] == "ranker v1, 5 candidates"
+    assert table[0].startswith("ranker v1, 5 candidates, ") and table[0].endswith(" ms on the server")
     assert table[1].split() == ["rank", "item_id", "score", "click", "dismiss", "like", "watch_time"]
     assert len(table) == 2 + 3
     assert table[2].split()[:2] == ["1", resp.candidates[0].item_id]
