@@ -75,7 +75,7 @@ class _World:
     item_quality: np.ndarray  # (I,)
     item_creator: np.ndarray  # (I,)
     item_category: np.ndarray  # (I,)
-    item_tags: list[list[str]]
+    item_tags: pl.Series  # (I,) List(String)
     item_duration: np.ndarray  # (I,) seconds
     item_upload_day: np.ndarray  # (I,) day offset, may be negative
 
@@ -95,9 +95,11 @@ def _world(cfg: SynthConfig) -> _World:
     # Tags are drawn from a pool tied to the category, so they carry signal about the item.
     tag_base = item_category * (cfg.tags // cfg.categories)
     tag_ids = (tag_base[:, None] + rng.integers(0, max(cfg.tags // cfg.categories, 1) + 3, (cfg.items, 4)))
-    item_tags = [
-        [f"tag_{t % cfg.tags}" for t in dict.fromkeys(row[:n])] for row, n in zip(tag_ids, n_tags, strict=True)
-    ]
+    item_tags = pl.Series(
+        "tags",
+        [[f"tag_{t % cfg.tags}" for t in dict.fromkeys(row[:n])] for row, n in zip(tag_ids, n_tags, strict=True)],
+        dtype=pl.List(pl.String),
+    )
     return _World(
         user_eng=rng.normal(0, 1.0, (cfg.users, k)) * 1.5,
         user_sat=rng.normal(0, 1.0, (cfg.users, k)) * 1.5,
@@ -169,7 +171,6 @@ def generate_day(cfg: SynthConfig, day: int, world: _World | None = None) -> pl.
     base = datetime.combine(cfg.start, datetime.min.time()) + timedelta(days=day)
     ts = np.datetime64(base, "us") + (seconds * 1_000_000).astype("timedelta64[us]")
     flat_items = items.ravel()
-    tags = [w.item_tags[i] for i in flat_items]
     return pl.DataFrame(
         {
             "request_id": np.repeat(np.arange(r, dtype=np.int64) + (day * 10_000_000 + 1), s),
@@ -181,7 +182,7 @@ def generate_day(cfg: SynthConfig, day: int, world: _World | None = None) -> pl.
             "item_id": flat_items.astype(np.int64),
             "creator_id": w.item_creator[flat_items].astype(np.int64),
             "category": np.char.add("cat_", w.item_category[flat_items].astype(str)),
-            "tags": pl.Series("tags", tags, dtype=pl.List(pl.String)),
+            "tags": w.item_tags.gather(flat_items),
             "duration_s": duration.ravel().astype(np.float32),
             "item_age_days": np.maximum(day - w.item_upload_day[flat_items], 0.0).astype(np.float32),
             "position": position.ravel().astype(np.int16),
