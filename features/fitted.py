@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,12 @@ class Vocab:
 
 @dataclass(frozen=True)
 class NumericStats:
+    """Training-window statistics of a dense feature after its fill/clip/transform."""
+
     mean: float
     std: float
+    min: float = 0.0
+    max: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,20 +85,16 @@ class FittedTransform:
     def fit(cls, lf: pl.LazyFrame, spec: FeatureSpec) -> FittedTransform:
         """Fit vocabularies (by ``min_count``, most frequent first) and numeric statistics."""
         vocabs = {f.name: _fit_vocab(lf, f) for f in spec.sparse}
-        exprs = []
+        exprs = [pl.len().alias("__rows")]
         for d in spec.dense:
             x = _dense_pre(d)
-            exprs += [x.mean().alias(f"{d.name}.mean"), x.std().alias(f"{d.name}.std")]
-        ts = pl.col(spec.keys.timestamp)
-        exprs += [pl.len().alias("__rows"), ts.min().alias("__start"), ts.max().alias("__end")]
+            exprs += [getattr(x, stat)().alias(f"{d.name}.{stat}") for stat in ("mean", "std", "min", "max")]
+        if spec.keys.timestamp is not None:
+            ts = pl.col(spec.keys.timestamp)
+            exprs += [ts.min().alias("__start"), ts.max().alias("__end")]
         row = lf.select(exprs).collect().row(0, named=True)
-        numeric = {
-            d.name: NumericStats(
-                mean=float(row[f"{d.name}.mean"] or 0.0), std=float(row[f"{d.name}.std"] or 1.0) or 1.0
-            )
-            for d in spec.dense
-        }
-        window = {"start": str(row["__start"]), "end": str(row["__end"])}
+        numeric = {d.name: _stats(row, d.name) for d in spec.dense}
+        window = {"start": str(row["__start"]), "end": str(row["__end"])} if "__start" in row else {}
         schema = lf.collect_schema()
         inputs = [f.raw for f in spec.sparse] + [d.raw for d in spec.dense]
         raw_types = {c: _kind(schema[c]) for c in dict.fromkeys(inputs)}
@@ -115,9 +115,7 @@ class FittedTransform:
         for f in spec.sparse:
             exprs.append(self._encode(f).alias(sparse_col(f.name)))
         for d in spec.dense:
-            st = self.numeric[d.name]
-            z = ((_dense_pre(d) - st.mean) / st.std).fill_null(0.0).fill_nan(0.0)
-            exprs.append(z.cast(pl.Float32).alias(dense_col(d.name)))
+            exprs.append(_scaled(d, self.numeric[d.name]).cast(pl.Float32).alias(dense_col(d.name)))
         if spec.position is not None:
             p = spec.position
             exprs.append(
@@ -129,6 +127,8 @@ class FittedTransform:
         out = []
         for t in self.spec.tasks:
             y = pl.col(t.label).cast(pl.Float32)
+            if t.threshold is not None:
+                y = (y > t.threshold).cast(pl.Float32)
             if t.label_transform == "log1p":
                 y = y.clip(lower_bound=0.0).log1p()
             out.append(y.alias(label_col(t.name)))
@@ -137,10 +137,9 @@ class FittedTransform:
     def transform(self, lf: pl.LazyFrame, with_labels: bool = True) -> pl.LazyFrame:
         """Raw impressions -> model-ready rows (keys, features, labels, passthrough)."""
         spec = self.spec
-        keys = [spec.keys.request, spec.keys.user, spec.keys.item, spec.keys.timestamp]
         names = set(lf.collect_schema().names())
         passthrough = [pl.col(c) for c in spec.passthrough if c in names]
-        exprs = [pl.col(k) for k in keys] + self.expressions()
+        exprs = [pl.col(k) for k in spec.keys.present()] + self.expressions()
         if with_labels:
             exprs += self.label_expressions()
         return lf.select(exprs + passthrough)
@@ -212,7 +211,7 @@ class FittedTransform:
             "format_version": FORMAT_VERSION,
             "spec": self.spec.model_dump(mode="json"),
             "vocabs": {k: v.values for k, v in self.vocabs.items()},
-            "numeric": {k: {"mean": v.mean, "std": v.std} for k, v in self.numeric.items()},
+            "numeric": {k: asdict(v) for k, v in self.numeric.items()},
             "window": self.window,
             "rows": self.rows,
             "raw_types": self.raw_types,
@@ -279,12 +278,33 @@ def _kind(dtype: pl.DataType) -> str:
 
 
 def _dense_pre(d: DenseFeature) -> pl.Expr:
+    """Fill, clip and transform a raw numeric column (before scaling)."""
     x = pl.col(d.raw).cast(pl.Float64)
-    if d.clip_min is not None:
-        x = x.clip(lower_bound=d.clip_min)
+    if d.fill_null is not None:
+        x = x.fill_null(d.fill_null)
+    if d.clip_min is not None or d.clip_max is not None:
+        x = x.clip(lower_bound=d.clip_min, upper_bound=d.clip_max)
     if d.transform == "log1p":
         x = x.clip(lower_bound=0.0).log1p()
     return x
+
+
+def _scaled(d: DenseFeature, st: NumericStats) -> pl.Expr:
+    """Scale with training statistics; missing values land on 0 (the mean, or the minimum)."""
+    x = _dense_pre(d)
+    if d.scale == "standard":
+        x = (x - st.mean) / (st.std or 1.0)
+    elif d.scale == "minmax":
+        x = (x - st.min) / ((st.max - st.min) or 1.0)
+    return x.fill_null(0.0).fill_nan(0.0)
+
+
+def _stats(row: dict[str, Any], name: str) -> NumericStats:
+    def get(stat: str, default: float) -> float:
+        v = row[f"{name}.{stat}"]
+        return default if v is None else float(v)
+
+    return NumericStats(mean=get("mean", 0.0), std=get("std", 1.0), min=get("min", 0.0), max=get("max", 1.0))
 
 
 def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
@@ -297,7 +317,11 @@ def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
         .group_by("v")
         .agg(pl.len().alias("n"))
         .filter(pl.col("n") >= f.min_count)
-        .sort(["n", "v"], descending=[True, False])
         .collect()
     )
+    if f.vocab_order == "sorted":
+        # byte order for strings (polars sorts UTF-8 lexicographically), numeric order otherwise
+        counts = counts.sort("v")
+    else:
+        counts = counts.sort(["n", "v"], descending=[True, False])
     return Vocab(counts["v"].to_list())

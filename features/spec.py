@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from importlib import resources
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +27,18 @@ class _Frozen(BaseModel):
 
 
 class Keys(_Frozen):
-    """Columns that identify an impression; none of them is a model input by itself."""
+    """Columns that identify an impression; none of them is a model input by itself.
 
-    request: str = "request_id"
-    user: str = "user_id"
-    item: str = "item_id"
-    timestamp: str = "ts"
+    Any key may be ``null`` for datasets without it (census-income has no requests or items).
+    """
+
+    request: str | None = "request_id"
+    user: str | None = "user_id"
+    item: str | None = "item_id"
+    timestamp: str | None = "ts"
+
+    def present(self) -> list[str]:
+        return [k for k in (self.request, self.user, self.item, self.timestamp) if k is not None]
 
 
 class SparseFeature(_Frozen):
@@ -44,6 +51,7 @@ class SparseFeature(_Frozen):
     pooling: Literal["sum", "mean"] = "sum"
     max_len: int = Field(default=8, ge=1)  # multi-valued lists are truncated to this length
     min_count: int = Field(default=1, ge=1)  # rarer values map to the out-of-vocabulary id 0
+    vocab_order: Literal["frequency", "sorted"] = "frequency"  # id order: most frequent, or sorted values
     embedding_dim: int = Field(default=16, ge=1)
 
     @property
@@ -57,8 +65,12 @@ class DenseFeature(_Frozen):
     name: str
     source: Source
     column: str | None = None
-    transform: Literal["none", "log1p"] = "none"
+    fill_null: float | None = None  # value for missing entries, before the transform
     clip_min: float | None = None
+    clip_max: float | None = None
+    transform: Literal["none", "log1p"] = "none"
+    scale: Literal["standard", "minmax", "none"] = "standard"  # with training-window statistics
+    valid_min: float | None = None  # raw values below this are quarantined (e.g. negative durations)
 
     @property
     def raw(self) -> str:
@@ -78,6 +90,7 @@ class Task(_Frozen):
     name: str
     type: Literal["binary", "regression"]
     label: str  # raw label column
+    threshold: float | None = None  # binary tasks: label = raw > threshold (e.g. watch time > 30 s)
     label_transform: Literal["none", "log1p"] = "none"  # regression target scale
     group: Literal["engagement", "satisfaction"]
     loss_weight: float = Field(default=1.0, ge=0.0)
@@ -86,9 +99,38 @@ class Task(_Frozen):
 
 
 class Split(_Frozen):
-    """Time-based split: the last `validation_days` days of the window are held out."""
+    """How rows are assigned to train / val / test.
 
+    * ``last_days``: the last ``validation_days`` days of the window are validation, no test;
+    * ``dates``: train up to ``train_end``, val up to ``val_end``, the rest test (inclusive dates);
+    * ``column``: the adapter wrote the split name (train / val / test) into ``column``.
+
+    Dates are read from ``date_column`` (a Date column) or else the timestamp key.
+    """
+
+    kind: Literal["last_days", "dates", "column"] = "last_days"
     validation_days: int = Field(default=1, ge=1)
+    train_end: date | None = None
+    val_end: date | None = None
+    column: str = "split"
+    date_column: str | None = None
+
+    @model_validator(mode="after")
+    def _dates(self) -> Split:
+        if self.kind == "dates":
+            if self.train_end is None or self.val_end is None:
+                raise ValueError("split kind 'dates' needs train_end and val_end")
+            if self.val_end < self.train_end:
+                raise ValueError(f"val_end {self.val_end} is before train_end {self.train_end}")
+        return self
+
+
+class Validation(_Frozen):
+    """Row-level contract; rows that break it are quarantined with a reason."""
+
+    unique: tuple[str, ...] = ()  # columns that together identify an impression (duplicates quarantined)
+    required: tuple[str, ...] = ()  # extra columns that must not be null (keys and labels always are)
+    max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # above this the build fails
 
 
 class FeatureSpec(_Frozen):
@@ -102,6 +144,7 @@ class FeatureSpec(_Frozen):
     tasks: tuple[Task, ...]
     passthrough: tuple[str, ...] = ()  # carried to model-ready data untouched (e.g. true relevance)
     split: Split = Split()
+    validation: Validation = Validation()
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeatureSpec:
