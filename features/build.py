@@ -1,8 +1,11 @@
-"""Raw impression log (date-partitioned Parquet) -> model-ready Parquet + fitted transform.
+"""Raw impressions -> validated, split, model-ready Parquet plus the fitted transform.
 
 Layout written to ``out``::
 
-    train.parquet  val.parquet  transform.json  summary.json
+    train.parquet  val.parquet  [test.parquet]  transform.json  quarantine.parquet  summary.json
+
+Everything runs on Polars lazy frames and is written with ``sink_parquet`` (streaming), so the
+input is never materialised as a whole except where the spec asks for duplicate detection.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import polars as pl
 
 from features.fitted import FittedTransform, label_col
 from features.spec import FeatureSpec
+from features.validate import REASON, with_reason
+
+SPLITS = ("train", "val", "test")
+SPLIT = "__split"
 
 
 @dataclass(frozen=True)
@@ -24,17 +31,18 @@ class BuildSummary:
     """What a build produced; printed by the CLI and saved as ``summary.json``."""
 
     dataset: str
-    rows: dict[str, int]
+    rows: dict[str, int]  # split -> rows written
     label_rates: dict[str, dict[str, float]]  # split -> task -> mean label (rate for binary)
-    vocab_sizes: dict[str, int]
-    train_window: dict[str, str]
-    val_window: dict[str, str]
+    vocab_sizes: dict[str, int]  # feature -> table rows (values + the OOV id 0)
+    windows: dict[str, dict[str, str]]  # split -> {"start", "end"} dates, where the data has dates
     transform_hash: str
+    rows_in: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)  # reason -> rows
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def scan_log(path: str | Path) -> pl.LazyFrame:
-    """Scan a Parquet file or a folder of (hive date-partitioned) Parquet files."""
+    """Scan a Parquet file or a folder of (date-partitioned) Parquet files."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
@@ -46,51 +54,114 @@ def scan_log(path: str | Path) -> pl.LazyFrame:
     return pl.scan_parquet(path)
 
 
-def split_dates(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = None) -> tuple[date, date, date]:
-    """(first day, last training day, last day); validation = the days after the last training day."""
-    ts = pl.col(spec.keys.timestamp)
-    row = lf.select(ts.min().dt.date().alias("lo"), ts.max().dt.date().alias("hi")).collect().row(0)
-    lo, hi = row
-    if lo is None:
-        raise ValueError("input log is empty")
-    end = train_end if train_end is not None else hi - timedelta(days=spec.split.validation_days)
-    if end < lo or end >= hi:
-        raise ValueError(
-            f"train_end {end} leaves no training or no validation days in the log's window {lo}..{hi}"
-        )
-    return lo, end, hi
+def _day(spec: FeatureSpec) -> pl.Expr | None:
+    s = spec.split
+    if s.date_column is not None:
+        return pl.col(s.date_column).cast(pl.Date)
+    if spec.keys.timestamp is not None:
+        return pl.col(spec.keys.timestamp).dt.date()
+    return None
+
+
+def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = None) -> pl.Expr:
+    """An expression naming each row's split (train / val / test) by the spec's rule."""
+    s = spec.split
+    if s.kind == "column":
+        if train_end is not None:
+            raise ValueError(f"--train-end does not apply: dataset {spec.name!r} has a fixed split column")
+        return pl.col(s.column).cast(pl.String)
+    day = _day(spec)
+    if day is None:
+        raise ValueError(f"split kind {s.kind!r} needs a timestamp key or split.date_column")
+    if s.kind == "last_days":
+        lo, hi = lf.select(day.min().alias("lo"), day.max().alias("hi")).collect(engine="streaming").row(0)
+        if lo is None:
+            raise ValueError("input log is empty")
+        end = train_end if train_end is not None else hi - timedelta(days=s.validation_days)
+        if end < lo or end >= hi:
+            raise ValueError(f"train_end {end} leaves no training or no validation days in {lo}..{hi}")
+        return pl.when(day <= end).then(pl.lit("train")).otherwise(pl.lit("val"))
+    assert s.train_end is not None and s.val_end is not None  # the spec validator guarantees both
+    end = train_end if train_end is not None else s.train_end
+    val_end = end + (s.val_end - s.train_end)
+    return pl.when(day <= end).then(pl.lit("train")).when(day <= val_end).then(pl.lit("val")).otherwise(
+        pl.lit("test")
+    )
 
 
 def build(
-    input_path: str | Path, spec: FeatureSpec, out: str | Path, train_end: date | None = None
+    source: str | Path | pl.LazyFrame, spec: FeatureSpec, out: str | Path, train_end: date | None = None
 ) -> BuildSummary:
-    """Split by time, fit on the training window only, transform both splits, write them."""
+    """Validate (quarantine), split, fit on the training rows only, transform and write every split."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lf = scan_log(input_path)
-    lo, end, hi = split_dates(lf, spec, train_end)
-    day = pl.col(spec.keys.timestamp).dt.date()
-    train = lf.filter(day <= end)
-    val = lf.filter(day > end)
-    fitted = FittedTransform.fit(train, spec)
+    lf = source if isinstance(source, pl.LazyFrame) else scan_log(source)
+    # One streaming pass checks every row and names its split; later steps read this staged file.
+    staged = out / "_staged.parquet"
+    try:
+        with_reason(lf, spec).with_columns(split_expr(lf, spec, train_end).alias(SPLIT)).sink_parquet(staged)
+        return _build_from_staged(pl.scan_parquet(staged), spec, out)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _build_from_staged(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> BuildSummary:
+    staged.filter(pl.col(REASON).is_not_null()).drop(SPLIT).sink_parquet(out / "quarantine.parquet")
+    counts = staged.group_by(REASON).len().collect(engine="streaming")
+    rows_in = int(counts["len"].sum())
+    quarantined = {
+        str(r): int(n) for r, n in counts.filter(pl.col(REASON).is_not_null()).sort("len", descending=True).iter_rows()
+    }
+    bad = sum(quarantined.values())
+    if rows_in == 0:
+        raise ValueError("input has no rows")
+    if bad / rows_in > spec.validation.max_bad_fraction:
+        top = dict(list(quarantined.items())[:3])
+        raise ValueError(
+            f"{bad} of {rows_in} rows ({bad / rows_in:.0%}) break the {spec.name!r} spec, more than "
+            f"max_bad_fraction {spec.validation.max_bad_fraction:.0%}; top reasons: {top}"
+        )
+    good = staged.filter(pl.col(REASON).is_null()).drop(REASON)
+    unknown = good.filter(~pl.col(SPLIT).is_in(SPLITS)).select(pl.col(SPLIT).first()).collect(engine="streaming")
+    if unknown.height and unknown.item() is not None:
+        raise ValueError(f"split column {spec.split.column!r} holds {unknown.item()!r}; expected one of {SPLITS}")
+
+    fitted = FittedTransform.fit(good.filter(pl.col(SPLIT) == "train"), spec)
+    if fitted.rows == 0:
+        raise ValueError("no training rows after the split; check --train-end and the data's dates")
     fitted.save(out / "transform.json")
-    rows, rates = {}, {}
-    for name, part in (("train", train), ("val", val)):
+
+    rows, rates, windows = {}, {}, {}
+    day = _day(spec)
+    for name in SPLITS:
+        part = good.filter(pl.col(SPLIT) == name)
         path = out / f"{name}.parquet"
+        path.unlink(missing_ok=True)
         fitted.transform(part).sink_parquet(path)
-        stats = pl.scan_parquet(path).select(
-            [pl.len().alias("__rows")] + [pl.col(label_col(t.name)).mean().alias(t.name) for t in spec.tasks]
-        ).collect().row(0, named=True)
-        rows[name] = int(stats.pop("__rows"))
+        stats = (
+            pl.scan_parquet(path)
+            .select([pl.len().alias("__rows")] + [pl.col(label_col(t.name)).mean().alias(t.name) for t in spec.tasks])
+            .collect()
+            .row(0, named=True)
+        )
+        n = int(stats.pop("__rows"))
+        if n == 0 and name == "test":
+            path.unlink()
+            continue
+        rows[name] = n
         rates[name] = {k: round(float(v or 0.0), 5) for k, v in stats.items()}
+        if day is not None:
+            lo, hi = part.select(day.min().alias("lo"), day.max().alias("hi")).collect(engine="streaming").row(0)
+            windows[name] = {"start": str(lo), "end": str(hi)}
     summary = BuildSummary(
         dataset=spec.name,
         rows=rows,
         label_rates=rates,
         vocab_sizes={k: v.size for k, v in fitted.vocabs.items()},
-        train_window={"start": lo.isoformat(), "end": end.isoformat()},
-        val_window={"start": (end + timedelta(days=1)).isoformat(), "end": hi.isoformat()},
+        windows=windows,
         transform_hash=fitted.content_hash,
+        rows_in=rows_in,
+        quarantined=quarantined,
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

@@ -92,7 +92,7 @@ class FittedTransform:
         if spec.keys.timestamp is not None:
             ts = pl.col(spec.keys.timestamp)
             exprs += [ts.min().alias("__start"), ts.max().alias("__end")]
-        row = lf.select(exprs).collect().row(0, named=True)
+        row = lf.select(exprs).collect(engine="streaming").row(0, named=True)
         numeric = {d.name: _stats(row, d.name) for d in spec.dense}
         window = {"start": str(row["__start"]), "end": str(row["__end"])} if "__start" in row else {}
         schema = lf.collect_schema()
@@ -317,7 +317,7 @@ def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
         .group_by("v")
         .agg(pl.len().alias("n"))
         .filter(pl.col("n") >= f.min_count)
-        .collect()
+        .collect(engine="streaming")
     )
     if f.vocab_order == "sorted":
         # byte order for strings (polars sorts UTF-8 lexicographically), numeric order otherwise

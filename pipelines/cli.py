@@ -73,14 +73,15 @@ def data_synth(
 @features_app.command("build")
 @friendly
 def features_build(
-    input: Annotated[Path, typer.Option(help="Raw log: a Parquet file or a folder of them.")],
+    input: Annotated[Path, typer.Option(help="Raw data: a file or folder in the dataset's layout.")],
     out: Annotated[Path, typer.Option(help="Output folder for model-ready data.")],
-    dataset: Annotated[str, typer.Option(help="Dataset whose bundled spec to use.")] = "synthetic",
-    spec: Annotated[Path | None, typer.Option(help="A spec YAML file (overrides --dataset).")] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset adapter: synthetic, kuairand or census.")] = "synthetic",
+    spec: Annotated[Path | None, typer.Option(help="A spec YAML file (default: the dataset's own).")] = None,
     train_end: Annotated[str | None, typer.Option(help="Last training day YYYY-MM-DD.")] = None,
 ) -> None:
-    """Split by time, fit the transform on the training window, write model-ready Parquet."""
+    """Validate, split, fit on the training rows only, write model-ready Parquet and a summary."""
     from features.build import build
+    from features.datasets import scan_dataset
     from features.spec import load_spec
 
     end = None
@@ -89,13 +90,26 @@ def features_build(
             end = date.fromisoformat(train_end)
         except ValueError:
             raise ValueError(f"--train-end must be YYYY-MM-DD, got {train_end!r}") from None
-    summary = build(input, load_spec(spec or dataset), out, end)
-    typer.echo(f"dataset {summary.dataset}: rows {summary.rows}")
-    typer.echo(f"train window {summary.train_window}  validation {summary.val_window}")
-    for split, rates in summary.label_rates.items():
-        typer.echo(f"label means ({split}): " + ", ".join(f"{k}={v:.4f}" for k, v in rates.items()))
-    typer.echo("vocab sizes: " + ", ".join(f"{k}={v}" for k, v in summary.vocab_sizes.items()))
-    typer.echo(f"fitted transform {summary.transform_hash} -> {out / 'transform.json'}")
+    summary = build(scan_dataset(dataset, input), load_spec(spec or dataset), out, end)
+    typer.echo(format_summary(summary, out))
+
+
+def format_summary(summary: Any, out: Path) -> str:
+    """One screen: rows per split, label rates per task, vocab sizes, quarantined counts."""
+    tasks = list(next(iter(summary.label_rates.values()), {}))
+    lines = [f"dataset {summary.dataset}: {summary.rows_in} rows in -> {out}"]
+    lines.append(f"{'split':<6} {'rows':>10} {'window':>23}" + "".join(f" {t:>12}" for t in tasks))
+    for split, n in summary.rows.items():
+        w = summary.windows.get(split)
+        window = f"{w['start']}..{w['end']}" if w else "-"
+        rates = summary.label_rates[split]
+        lines.append(f"{split:<6} {n:>10} {window:>23}" + "".join(f" {rates[t]:>12.4f}" for t in tasks))
+    lines.append("vocab sizes: " + ", ".join(f"{k}={v}" for k, v in summary.vocab_sizes.items()))
+    bad = sum(summary.quarantined.values())
+    detail = "; ".join(f"{r}: {n}" for r, n in summary.quarantined.items())
+    lines.append(f"quarantined: {bad}" + (f" ({detail}) -> {out / 'quarantine.parquet'}" if bad else ""))
+    lines.append(f"fitted transform {summary.transform_hash} -> {out / 'transform.json'}")
+    return "\n".join(lines)
 
 
 @app.command("train")

@@ -17,7 +17,7 @@ def fitted(small_features: Path) -> FittedTransform:
 def test_no_validation_leakage(small_log: Path, small_features: Path, fitted: FittedTransform,
                                small_summary: BuildSummary) -> None:
     raw = pl.read_parquet(sorted(small_log.rglob("*.parquet")))
-    train = raw.filter(pl.col("ts").dt.date() <= pl.lit(small_summary.train_window["end"]).str.to_date())
+    train = raw.filter(pl.col("ts").dt.date() <= pl.lit(small_summary.windows["train"]["end"]).str.to_date())
     assert fitted.rows == train.height
     # every vocab value was seen in training; validation-only ids map to OOV
     assert set(fitted.vocabs["item_id"].values) == set(train["item_id"].unique().to_list())

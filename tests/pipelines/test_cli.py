@@ -1,5 +1,6 @@
 """The ranker CLI: --help everywhere, and bad input gives one readable line with a non-zero exit."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ def test_synth_then_build(tmp_path: Path) -> None:
     assert "wrote 200 impressions in 2 daily partitions" in r.output
     r = runner.invoke(app, ["features", "build", "--input", str(tmp_path / "log"), "--out", str(tmp_path / "f")])
     assert r.exit_code == 0, r.output
-    assert "rows {'train': 100, 'val': 100}" in r.output
+    assert "dataset synthetic: 200 rows in" in r.output
+    assert re.search(r"^train\s+100\s+2026-01-01\.\.2026-01-01", r.output, re.M)
+    assert re.search(r"^val\s+100\s+2026-01-02\.\.2026-01-02", r.output, re.M)
+    assert "quarantined: 0" in r.output
     assert (tmp_path / "f" / "transform.json").is_file()
 
 
