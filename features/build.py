@@ -11,6 +11,7 @@ input is never materialised as a whole except where the spec asks for duplicate 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -41,17 +42,22 @@ class BuildSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def scan_log(path: str | Path) -> pl.LazyFrame:
-    """Scan a Parquet file or a folder of (date-partitioned) Parquet files."""
+def log_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a log: the file itself, or every file under a (date-partitioned) folder."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
             raise ValueError(f"no Parquet files under input folder {str(path)!r}")
-        return pl.scan_parquet(files, hive_partitioning=False)
+        return files
     if not path.is_file():
         raise ValueError(f"input not found: {str(path)!r}")
-    return pl.scan_parquet(path)
+    return [path]
+
+
+def scan_log(path: str | Path) -> pl.LazyFrame:
+    """Scan a Parquet file or a folder of (date-partitioned) Parquet files as one frame."""
+    return pl.scan_parquet(log_files(path), hive_partitioning=False)
 
 
 def _day(spec: FeatureSpec) -> pl.Expr | None:
@@ -92,17 +98,27 @@ def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = Non
 def build(
     source: str | Path | pl.LazyFrame, spec: FeatureSpec, out: str | Path, train_end: date | None = None
 ) -> BuildSummary:
-    """Validate (quarantine), split, fit on the training rows only, transform and write every split."""
+    """Validate (quarantine), split, fit on the training rows only, transform and write every split.
+
+    A path source is read partition by partition (one Parquet file at a time) for the checking
+    pass, so memory stays bounded by the largest partition; duplicate keys are then detected
+    within a partition. A LazyFrame source is checked as a whole.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lf = source if isinstance(source, pl.LazyFrame) else scan_log(source)
-    # One streaming pass checks every row and names its split; later steps read this staged file.
-    staged = out / "_staged.parquet"
+    parts = [source] if isinstance(source, pl.LazyFrame) else [pl.scan_parquet(f) for f in log_files(source)]
+    whole = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
+    split = split_expr(whole, spec, train_end)
+    # One streaming pass per partition checks every row and names its split; the rest reads it back.
+    staged = out / "_staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
     try:
-        with_reason(lf, spec).with_columns(split_expr(lf, spec, train_end).alias(SPLIT)).sink_parquet(staged)
-        return _build_from_staged(pl.scan_parquet(staged), spec, out)
+        for i, part in enumerate(parts):
+            with_reason(part, spec).with_columns(split.alias(SPLIT)).sink_parquet(staged / f"part-{i:05d}.parquet")
+        return _build_from_staged(pl.scan_parquet(staged / "*.parquet"), spec, out)
     finally:
-        staged.unlink(missing_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _build_from_staged(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> BuildSummary:
