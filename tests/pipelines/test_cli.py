@@ -38,7 +38,7 @@ def test_synth_then_build(tmp_path: Path) -> None:
     [
         (["data", "synth", "--out", "x", "--correlation", "2"], "correlation must be in [-1, 1], got 2.0"),
         (["features", "build", "--input", "nowhere", "--out", "o"], "input not found: 'nowhere'"),
-        (["features", "build", "--input", ".", "--out", "o", "--dataset", "imdb"], "unknown dataset spec 'imdb'"),
+        (["features", "build", "--input", ".", "--out", "o", "--dataset", "imdb"], "unknown dataset 'imdb'"),
         (["train", "--features", "nowhere"], "not a features folder"),
         (["rank"], "give exactly one of --log or --request"),
     ],
