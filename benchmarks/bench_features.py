@@ -26,9 +26,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def child(case: str, rows: int, work: Path) -> dict[str, float]:
     """Runs in the child process: prepare input (not timed), then time fit, transform and build."""
     import polars as pl
-    from features.datasets import scan_dataset
 
     from features.build import build
+    from features.datasets import scan_dataset
     from features.fitted import FittedTransform
     from features.spec import load_spec
     from features.synthetic import config_with, write_log

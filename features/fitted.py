@@ -319,9 +319,6 @@ def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
         .filter(pl.col("n") >= f.min_count)
         .collect(engine="streaming")
     )
-    if f.vocab_order == "sorted":
-        # byte order for strings (polars sorts UTF-8 lexicographically), numeric order otherwise
-        counts = counts.sort("v")
-    else:
-        counts = counts.sort(["n", "v"], descending=[True, False])
-    return Vocab(counts["v"].to_list())
+    # "sorted": byte order for strings (polars sorts UTF-8 lexicographically), numeric order otherwise
+    by = ("v", False) if f.vocab_order == "sorted" else (["n", "v"], [True, False])
+    return Vocab(counts.sort(by[0], descending=by[1])["v"].to_list())

@@ -11,8 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from importlib import resources
 from datetime import date
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 

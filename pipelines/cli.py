@@ -80,9 +80,8 @@ def features_build(
     train_end: Annotated[str | None, typer.Option(help="Last training day YYYY-MM-DD.")] = None,
 ) -> None:
     """Validate, split, fit on the training rows only, write model-ready Parquet and a summary."""
-    from features.datasets import scan_dataset
-
     from features.build import build
+    from features.datasets import scan_dataset
     from features.spec import load_spec
 
     end = None
