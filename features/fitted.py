@@ -195,15 +195,19 @@ class FittedTransform:
         return [e for e in self.expressions() if e.meta.output_name() != "position"]
 
     def _encode(self, f: SparseFeature) -> pl.Expr:
-        vocab = self.vocabs[f.name]
-        ids = list(range(1, vocab.size))
+        """Raw value -> id (1..n in vocabulary order, 0 for unseen and null).
+
+        Implemented as a cast to an Enum of the vocabulary (its physical code is the index), which
+        the streaming engine runs in bounded memory; a lookup-table ``replace_strict`` would not.
+        """
+        enum = pl.Enum([str(v) for v in self.vocabs[f.name].values])
         if f.multi:
-            return (
-                pl.col(f.raw)
-                .list.head(f.max_len)
-                .list.eval(pl.element().replace_strict(vocab.values, ids, default=OOV, return_dtype=pl.Int64))
+            lists = pl.col(f.raw).list.head(f.max_len).cast(pl.List(pl.String))
+            return lists.cast(pl.List(enum), strict=False).list.eval(
+                pl.element().to_physical().cast(pl.Int64).fill_null(OOV - 1) + 1
             )
-        return pl.col(f.raw).replace_strict(vocab.values, ids, default=OOV, return_dtype=pl.Int64)
+        codes = pl.col(f.raw).cast(pl.String).cast(enum, strict=False).to_physical().cast(pl.Int64)
+        return (codes + 1).fill_null(OOV)
 
     # ----------------------------------------------------------- save/load
     def to_dict(self) -> dict[str, Any]:
