@@ -21,8 +21,8 @@ and would leak the future.
 
 Example:
     >>> data = "path/to/kuairand_pure_subset"  # the dataset's official files
-    >>> scan(data).select("user_id", "video_id", "hour", "music_type", "date").head(1).collect().rows()  # doctest: +SKIP
-    [('712', '5239', '0', '9.0', datetime.date(2022, 4, 25))]
+    >>> scan(data).select("user_id", "video_id", "hour", "date").head(1).collect().rows()  # doctest: +SKIP
+    [("712", "5239", "0", datetime.date(2022, 4, 25))]
 """
 
 from __future__ import annotations
