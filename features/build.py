@@ -173,7 +173,7 @@ def _build_from_staged(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> Bu
         dataset=spec.name,
         rows=rows,
         label_rates=rates,
-        vocab_sizes={k: v.size for k, v in fitted.vocabs.items()},
+        vocab_sizes={f.name: fitted.table_size(f.name) for f in spec.sparse},
         windows=windows,
         transform_hash=fitted.content_hash,
         rows_in=rows_in,

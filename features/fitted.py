@@ -79,12 +79,15 @@ class FittedTransform:
     window: dict[str, str] = field(default_factory=dict)  # {"start": iso, "end": iso} of the fit data
     rows: int = 0
     raw_types: dict[str, str] = field(default_factory=dict)  # raw input column -> int|float|str|list[...]
+    boundaries: dict[str, list[float]] = field(default_factory=dict)  # quantile features -> cut points
+    polars_version: str = ""  # hashed ids depend on polars' hash; checked at load
 
     # ------------------------------------------------------------------ fit
     @classmethod
     def fit(cls, lf: pl.LazyFrame, spec: FeatureSpec) -> FittedTransform:
         """Fit vocabularies (by ``min_count``, most frequent first) and numeric statistics."""
-        vocabs = {f.name: _fit_vocab(lf, f) for f in spec.sparse}
+        vocabs = {f.name: _fit_vocab(lf, f) for f in spec.sparse if not (f.hash_buckets or f.quantiles)}
+        boundaries = {f.name: _fit_boundaries(lf, f) for f in spec.sparse if f.quantiles}
         exprs = [pl.len().alias("__rows")]
         for d in spec.dense:
             x = _dense_pre(d)
@@ -96,8 +99,15 @@ class FittedTransform:
         numeric = {d.name: _stats(row, d.name) for d in spec.dense}
         window = {"start": str(row["__start"]), "end": str(row["__end"])} if "__start" in row else {}
         schema = lf.collect_schema()
-        inputs = [f.raw for f in spec.sparse] + [d.raw for d in spec.dense]
+        inputs = [c for f in spec.sparse for c in f.inputs] + [d.raw for d in spec.dense]
+        missing = [c for c in dict.fromkeys(inputs) if c not in schema]
+        if missing:
+            raise ValueError(f"input lacks column(s) {missing} that the {spec.name!r} spec reads")
         raw_types = {c: _kind(schema[c]) for c in dict.fromkeys(inputs)}
+        for f in spec.sparse:
+            lists = [c for c in f.cross if raw_types[c].startswith("list")]
+            if lists:
+                raise ValueError(f"cross {f.name!r}: column(s) {lists} are lists; crosses take single values")
         return cls(
             spec=spec,
             vocabs=vocabs,
@@ -105,7 +115,18 @@ class FittedTransform:
             window=window,
             rows=int(row["__rows"]),
             raw_types=raw_types,
+            boundaries=boundaries,
+            polars_version=pl.__version__ if any(f.hash_buckets for f in spec.sparse) else "",
         )
+
+    def table_size(self, name: str) -> int:
+        """Embedding rows feature ``name`` needs, the id 0 (out-of-vocabulary / null) included."""
+        f = next(f for f in self.spec.sparse if f.name == name)
+        if f.hash_buckets:
+            return f.hash_buckets + 1
+        if f.quantiles:
+            return len(self.boundaries[name]) + 2  # below the first cut, ..., above the last, plus 0
+        return self.vocabs[name].size
 
     # ------------------------------------------------------------ transform
     def expressions(self) -> list[pl.Expr]:
@@ -195,18 +216,25 @@ class FittedTransform:
         return [e for e in self.expressions() if e.meta.output_name() != "position"]
 
     def _encode(self, f: SparseFeature) -> pl.Expr:
-        """Raw value -> id (1..n in vocabulary order, 0 for unseen and null).
-
-        Implemented as a cast to an Enum of the vocabulary (its physical code is the index), which
-        the streaming engine runs in bounded memory; a lookup-table ``replace_strict`` would not.
-        """
+        """Raw value -> id (1..n, 0 for unseen and null) by the feature's id rule."""
+        if f.quantiles:
+            x = pl.col(f.raw).cast(pl.Float64)
+            above = pl.sum_horizontal([(x > b).cast(pl.Int64) for b in self.boundaries[f.name]])
+            return pl.when(x.is_null() | x.is_nan()).then(pl.lit(OOV, pl.Int64)).otherwise(above + 1)
+        if f.hash_buckets:
+            n = f.hash_buckets
+            if f.multi:
+                return pl.col(f.raw).list.head(f.max_len).list.eval(_hash_id(pl.element(), n))
+            return _hash_id(pl.col(f.raw), n)
+        # Vocabulary: a cast to an Enum of the values (its physical code is the index) runs in the
+        # streaming engine in bounded memory; a lookup-table ``replace_strict`` would not.
         enum = pl.Enum([str(v) for v in self.vocabs[f.name].values])
         if f.multi:
             lists = pl.col(f.raw).list.head(f.max_len).cast(pl.List(pl.String))
             return lists.cast(pl.List(enum), strict=False).list.eval(
                 pl.element().to_physical().cast(pl.Int64).fill_null(OOV - 1) + 1
             )
-        codes = pl.col(f.raw).cast(pl.String).cast(enum, strict=False).to_physical().cast(pl.Int64)
+        codes = _raw_value(f).cast(enum, strict=False).to_physical().cast(pl.Int64)
         return (codes + 1).fill_null(OOV)
 
     # ----------------------------------------------------------- save/load
@@ -219,6 +247,8 @@ class FittedTransform:
             "window": self.window,
             "rows": self.rows,
             "raw_types": self.raw_types,
+            "boundaries": self.boundaries,
+            "polars_version": self.polars_version,
         }
         body["content_hash"] = _hash(body)
         return body
@@ -239,6 +269,12 @@ class FittedTransform:
         expected = data.get("content_hash")
         if expected is not None and _hash({k: v for k, v in data.items() if k != "content_hash"}) != expected:
             raise ValueError(f"fitted transform content_hash mismatch (file says {expected!r})")
+        hashed_with = data.get("polars_version", "")
+        if hashed_with and hashed_with.split(".")[:2] != pl.__version__.split(".")[:2]:
+            raise ValueError(
+                f"fitted transform hashes ids with polars {hashed_with}, this is polars {pl.__version__}: "
+                "hash values may differ; refit the transform or install the same polars"
+            )
         return cls(
             spec=parse_spec(data["spec"], origin="fitted transform"),
             vocabs={k: Vocab(list(v)) for k, v in data["vocabs"].items()},
@@ -246,6 +282,8 @@ class FittedTransform:
             window=dict(data.get("window", {})),
             rows=int(data.get("rows", 0)),
             raw_types=dict(data.get("raw_types", {})),
+            boundaries={k: [float(x) for x in v] for k, v in data.get("boundaries", {}).items()},
+            polars_version=hashed_with,
         )
 
     @classmethod
@@ -311,8 +349,29 @@ def _stats(row: dict[str, Any], name: str) -> NumericStats:
     return NumericStats(mean=get("mean", 0.0), std=get("std", 1.0), min=get("min", 0.0), max=get("max", 1.0))
 
 
+def _raw_value(f: SparseFeature) -> pl.Expr:
+    """The string a single-valued feature's id is looked up by (a cross joins its columns)."""
+    if f.cross:
+        return pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in f.cross], separator="\x1f")
+    return pl.col(f.raw).cast(pl.String)
+
+
+def _hash_id(x: pl.Expr, buckets: int) -> pl.Expr:
+    h = (x.cast(pl.String).hash(seed=0) % buckets).cast(pl.Int64) + 1
+    return pl.when(x.is_null()).then(pl.lit(OOV, pl.Int64)).otherwise(h)
+
+
+def _fit_boundaries(lf: pl.LazyFrame, f: SparseFeature) -> list[float]:
+    """Distinct training quantiles cutting the column into (at most) ``f.quantiles`` buckets."""
+    n = f.quantiles or 2
+    x = pl.col(f.raw).cast(pl.Float64)
+    qs = [i / n for i in range(1, n)]
+    row = lf.select([x.quantile(q).alias(str(i)) for i, q in enumerate(qs)]).collect(engine="streaming").row(0)
+    return sorted({float(v) for v in row if v is not None})
+
+
 def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
-    col = pl.col(f.raw)
+    col = _raw_value(f) if f.cross else pl.col(f.raw)
     if f.multi:
         col = col.list.head(f.max_len).explode()
     counts = (

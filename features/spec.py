@@ -42,7 +42,13 @@ class Keys(_Frozen):
 
 
 class SparseFeature(_Frozen):
-    """A categorical id (single-valued) or a list of ids (multi-valued, pooled)."""
+    """A categorical id (single-valued) or a list of ids (multi-valued, pooled).
+
+    Ids come from one of: a vocabulary fitted on training rows (default; ``min_count``,
+    ``vocab_order``), hashing into ``hash_buckets`` (no vocabulary, for high-cardinality ids),
+    training-quantile buckets of a numeric column (``quantiles``), or a vocabulary over the
+    combination of other features' raw columns (``cross``). Id 0 is always out-of-vocabulary / null.
+    """
 
     name: str
     source: Source
@@ -52,11 +58,31 @@ class SparseFeature(_Frozen):
     max_len: int = Field(default=8, ge=1)  # multi-valued lists are truncated to this length
     min_count: int = Field(default=1, ge=1)  # rarer values map to the out-of-vocabulary id 0
     vocab_order: Literal["frequency", "sorted"] = "frequency"  # id order: most frequent, or sorted values
+    hash_buckets: int | None = Field(default=None, ge=1)  # hash ids into this many buckets instead
+    quantiles: int | None = Field(default=None, ge=2)  # bucketize a numeric column by training quantiles
+    cross: tuple[str, ...] = ()  # raw columns (of other declared features) whose combination is the id
     embedding_dim: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _one_id_rule(self) -> SparseFeature:
+        rules = [n for n, on in (("hash_buckets", self.hash_buckets), ("quantiles", self.quantiles),
+                                 ("cross", self.cross)) if on]
+        if len(rules) > 1:
+            raise ValueError(f"feature {self.name!r}: choose one of {rules}")
+        if self.cross and (self.multi or len(self.cross) < 2):
+            raise ValueError(f"feature {self.name!r}: a cross needs >= 2 single-valued columns")
+        if self.quantiles and self.multi:
+            raise ValueError(f"feature {self.name!r}: quantile buckets apply to a single numeric column")
+        return self
 
     @property
     def raw(self) -> str:
         return self.column or self.name
+
+    @property
+    def inputs(self) -> list[str]:
+        """Raw columns this feature reads."""
+        return list(self.cross) if self.cross else [self.raw]
 
 
 class DenseFeature(_Frozen):
@@ -147,6 +173,15 @@ class FeatureSpec(_Frozen):
     validation: Validation = Validation()
 
     @model_validator(mode="after")
+    def _crosses_name_declared_columns(self) -> FeatureSpec:
+        declared = {f.raw for f in self.sparse if not f.cross} | {d.raw for d in self.dense}
+        for f in self.sparse:
+            missing = [c for c in f.cross if c not in declared]
+            if missing:
+                raise ValueError(f"cross {f.name!r} uses {missing}, which no other feature declares")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> FeatureSpec:
         for kind, names in (
             ("feature", [f.name for f in self.sparse] + [f.name for f in self.dense]),
@@ -163,7 +198,7 @@ class FeatureSpec(_Frozen):
 
     def features_from(self, source: Source) -> list[str]:
         """Raw input columns that come from one source (user, context or item)."""
-        cols = [f.raw for f in self.sparse if f.source == source]
+        cols = [f.raw for f in self.sparse if f.source == source and not f.cross]
         cols += [f.raw for f in self.dense if f.source == source]
         return list(dict.fromkeys(cols))
 

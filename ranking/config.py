@@ -78,7 +78,7 @@ class ModelConfig:
         sparse = tuple(
             SparseSlot(
                 name=f.name,
-                num_embeddings=fitted.vocabs[f.name].size,
+                num_embeddings=fitted.table_size(f.name),
                 embedding_dim=f.embedding_dim,
                 pooling=f.pooling,
                 multi=f.multi,

@@ -156,7 +156,9 @@ def synthetic_request(fitted: FittedTransform, n: int = 2) -> tuple[dict[str, An
     Returns ``(user, context, candidates)`` as ``InferenceModel.score_request`` takes them.
     """
     spec = fitted.spec
-    known: dict[str, list[Any]] = {f.raw: fitted.vocabs[f.name].values for f in spec.sparse}
+    known: dict[str, list[Any]] = {
+        f.raw: fitted.vocabs[f.name].values for f in spec.sparse if f.name in fitted.vocabs and not f.cross
+    }
 
     def values(col: str, count: int) -> list[Any]:
         kind = fitted.raw_types[col]

@@ -90,3 +90,24 @@ def test_position_dropout_hides_position_in_training() -> None:
         tower.bias.weight.copy_(torch.arange(5.0).unsqueeze(1))
     assert tower(torch.tensor([0, 1, 2])).tolist() == [4.0, 4.0, 4.0]  # all mapped to "unknown"
     assert tower.eval()(torch.tensor([0, 1, 9])).tolist() == [0.0, 1.0, 3.0]  # clamped to last bucket
+
+
+def test_tables_follow_every_id_rule(spec) -> None:  # type: ignore[no-untyped-def]
+    from features.spec import parse_spec
+    from features.synthetic import SynthConfig, generate_day
+
+    data = spec.model_dump(mode="json")
+    data["sparse"] += [
+        {"name": "dev_x_cat", "source": "item", "cross": ["device", "category"]},
+        {"name": "dur_q", "source": "item", "column": "duration_s", "quantiles": 8},
+        {"name": "item_h", "source": "item", "column": "item_id", "hash_buckets": 97},
+    ]
+    raw = generate_day(SynthConfig(users=50, items=300, requests_per_day=100, slate_size=5), 0)
+    fitted = FittedTransform.fit(raw.lazy(), parse_spec(data))
+    cfg = ModelConfig.from_fitted(fitted, bottom_dims=(8,), expert_dims=(8,), tower_dims=(4,), num_experts=2)
+    sizes = {s.name: s.num_embeddings for s in cfg.sparse}
+    assert sizes["item_h"] == 98 and sizes["dur_q"] == 9
+    table = FeatureTable(fitted.transform(raw.lazy()).collect(), cfg)
+    b = table.all()
+    out = MMoE(cfg)(b.sparse, b.dense, b.position)  # ids stay inside every table
+    assert out.logits["click"].shape == (raw.height,)
