@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from pipelines.plots import gate_heatmap
 from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
 from ranking.artifact import build_model, export_artifact
 from ranking.config import ModelConfig
@@ -21,7 +23,7 @@ from ranking.data import RankingDataModule, load_features
 from ranking.module import RankingModule
 
 log = logging.getLogger("pipelines.train")
-MODELS = ("mmoe",)
+MODELS = ("mmoe", "ple", "omoe", "shared_bottom", "single_task")
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,22 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 1024
     lr: float = 2e-3
+    weight_decay: float = 0.0  # on dense layers only
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
     seed: int = 0
     accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"  # e.g. "ddp" (gloo on CPU, nccl on GPU)
     precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
+    monitor: str = "val/loss"  # selection and early-stopping metric
+    monitor_mode: Literal["min", "max"] = "min"
+    early_stopping_patience: int = 0  # 0 = off
+    resume: bool = False  # continue from out/checkpoints/last.ckpt when it exists
     experiment: str = "ranker"
     register_as: str | None = "ranker"
     alias: str | None = "champion"
     limit_train_batches: int | float = 1.0
+    progress_bar: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ class TrainResult:
     metrics: dict[str, float]
     model_version: str | None
     seconds: float
+    best_epoch: int | None = None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -77,6 +91,24 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def load_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A YAML file of training fields plus an optional ``model:`` mapping of model-config fields.
+
+    Returns ``(train_fields, model_overrides)``; unknown training fields are an error naming them.
+    """
+    if not path.is_file():
+        raise ValueError(f"config file not found: {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    model = data.pop("model_config", {}) or {}
+    known = {f.name for f in fields(TrainConfig)} - {"features", "out", "tracking_uri", "model_overrides"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown training field(s) {unknown} in {str(path)!r}; known: {sorted(known)}")
+    return data, {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+
+
 def _precision(accelerator: str, precision: str | None) -> str:
     if precision is not None:
         return precision
@@ -84,43 +116,87 @@ def _precision(accelerator: str, precision: str | None) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
+class GateHeatmaps(Callback):
+    """After each validation pass, log the task x expert gate heatmap to the MLflow run."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        health = getattr(module, "last_gate_health", None)
+        if health is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        path = gate_heatmap(health, self.out / f"gates_epoch_{trainer.current_epoch:03d}.png",
+                            title=f"epoch {trainer.current_epoch}: mean gate weight")
+        logger = trainer.logger
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="gates")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
-    """Fit, export the artifact, log everything to MLflow and register the version."""
+    """Fit, select the best epoch, export the artifact, log everything to MLflow, register the version."""
     start = time.perf_counter()
     uri = check_tracking_uri(cfg.tracking_uri)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fitted = load_features(cfg.features)
     mconf = ModelConfig.from_fitted(fitted, model=cfg.model, **cfg.model_overrides)
     data = RankingDataModule(cfg.features, mconf, cfg.batch_size, cfg.seed)
-    module = RankingModule(build_model(mconf), mconf, lr=cfg.lr)
+    module = RankingModule(build_model(mconf), mconf, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           loss_weighting=cfg.loss_weighting, seed=cfg.seed)
 
     ensure_experiment(uri, cfg.experiment)
-    logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False)
-    logger.log_hyperparams(
-        {
-            **{f"train.{k}": v for k, v in asdict(cfg).items() if k != "model_overrides"},
-            **{f"model.{k}": v for k, v in mconf.to_dict().items() if k not in ("sparse", "tasks")},
-            "data.transform_hash": fitted.content_hash,
-            "data.train_window": f"{fitted.window.get('start')}..{fitted.window.get('end')}",
-            "data.train_rows": fitted.rows,
-        }
-    )
     out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    run_id_file = out / "mlflow_run_id"
+    resuming = cfg.resume and last.is_file()
+    logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
+                          run_id=run_id_file.read_text().strip() if resuming and run_id_file.is_file() else None)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id_file.write_text(str(logger.run_id))
+    if not resuming:
+        logger.log_hyperparams(
+            {
+                **{f"train.{k}": v for k, v in asdict(cfg).items() if k != "model_overrides"},
+                **{f"model.{k}": v for k, v in mconf.to_dict().items() if k not in ("sparse", "tasks")},
+                "data.transform_hash": fitted.content_hash,
+                "data.train_window": f"{fitted.window.get('start')}..{fitted.window.get('end')}",
+                "data.train_rows": fitted.rows,
+            }
+        )
+    best = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, monitor=cfg.monitor, mode=cfg.monitor_mode,
+                           filename="best-{epoch:03d}")
+    callbacks: list[Callback] = [best, GateHeatmaps(out / "plots")]
+    if cfg.early_stopping_patience > 0:
+        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
+                                       patience=cfg.early_stopping_patience))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
-        devices=1,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
         precision=_precision(cfg.accelerator, cfg.precision),  # type: ignore[arg-type]
         logger=logger,
-        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)],
+        callbacks=callbacks,
         deterministic=True,
+        use_distributed_sampler=False,  # the data module shards its own epoch-seeded batches
         limit_train_batches=cfg.limit_train_batches,
         log_every_n_steps=50,
         enable_model_summary=False,
+        enable_progress_bar=cfg.progress_bar,
         default_root_dir=out,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path="last" if resuming else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    best_epoch = None
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        best_epoch = int(Path(best.best_model_path).stem.split("epoch=")[-1])
+        metrics["best_epoch"] = float(best_epoch)
+    if not trainer.is_global_zero:
+        return TrainResult(str(logger.run_id), out / "artifact", metrics, None, time.perf_counter() - start,
+                           best_epoch)
 
     run_id = str(logger.run_id)
     artifact = export_artifact(
@@ -128,7 +204,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         mconf,
         fitted,
         out / "artifact",
-        {"model_name": cfg.register_as or "", "run_id": run_id, "metrics": metrics},
+        {"model_name": cfg.register_as or "", "run_id": run_id, "metrics": metrics, "best_epoch": best_epoch},
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     client = logger.experiment
@@ -143,4 +219,4 @@ def train(cfg: TrainConfig) -> TrainResult:
         version = str(mv.version)
         client.set_tag(run_id, "registered_version", version)
     logger.finalize("success")
-    return TrainResult(run_id, artifact, metrics, version, time.perf_counter() - start)
+    return TrainResult(run_id, artifact, metrics, version, time.perf_counter() - start, best_epoch)

@@ -2,16 +2,60 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import polars as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from features.fitted import FittedTransform
 from ranking.batch import Batch, FeatureTable
 from ranking.config import ModelConfig
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled row batches, reproducible per epoch and shardable across processes.
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from a
+    checkpoint sees exactly the batches an uninterrupted run would. With ``num_replicas > 1`` each
+    rank takes every ``num_replicas``-th row of the permutation (DistributedSampler semantics, the
+    tail padded by wrapping so every rank runs the same number of steps).
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def _rows(self) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        if self.num_replicas > 1:
+            per_rank = -(-self.n // self.num_replicas)  # ceil
+            order = order.repeat(2)[: per_rank * self.num_replicas] if self.n else order
+            order = order[self.rank :: self.num_replicas]
+        return order
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = self._rows()
+        for start in range(0, len(rows), self.batch_size):
+            yield rows[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.num_replicas)
+        return -(-per_rank // self.batch_size)
 
 
 class _TableDataset(Dataset[Batch]):
@@ -63,19 +107,24 @@ class RankingDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[Batch]:
         table = self.tables[split]
-        sampler: torch.utils.data.Sampler[int]
-        if shuffle:
-            sampler = RandomSampler(range(len(table)), generator=torch.Generator().manual_seed(self.seed))
-        else:
-            sampler = SequentialSampler(range(len(table)))
-        return DataLoader(
-            _TableDataset(table),
-            sampler=BatchSampler(sampler, self.batch_size, drop_last=False),
-            batch_size=None,
-        )
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if not shuffle:  # evaluation: every rank sees the whole split (metrics need all rows)
+            replicas, rank = 1, 0
+        sampler = EpochBatchSampler(len(table), self.batch_size, shuffle, self.seed, replicas, rank)
+        return DataLoader(_TableDataset(table), sampler=sampler, batch_size=None)
 
     def train_dataloader(self) -> DataLoader[Batch]:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader[Batch]:
         return self._loader("val", shuffle=False)
+
+    def split_loader(self, split: str) -> DataLoader[Batch]:
+        """An in-order loader over any loaded split (for final evaluation)."""
+        if split not in self.tables:
+            path = self.dir / f"{split}.parquet"
+            if not path.is_file():
+                raise ValueError(f"features folder {str(self.dir)!r} lacks {split}.parquet")
+            self.tables[split] = FeatureTable(pl.read_parquet(path), self.config)
+        return self._loader(split, shuffle=False)

@@ -1,8 +1,8 @@
-"""A thin LightningModule around a ranking network: losses, optimiser, per-task metrics."""
+"""A thin LightningModule around a ranking network: losses, optimiser, per-task metrics, gate health."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,7 +13,10 @@ from torchmetrics.regression import MeanSquaredError
 
 from ranking.batch import Batch
 from ranking.config import ModelConfig
+from ranking.gate_health import GateHealth, GateStats
 from ranking.losses import task_loss
+
+LossWeighting = Literal["fixed", "uncertainty"]
 
 
 def _task_metrics(config: ModelConfig) -> MetricCollection:
@@ -29,19 +32,36 @@ def _task_metrics(config: ModelConfig) -> MetricCollection:
 class RankingModule(L.LightningModule):
     """Trains any network that maps ``(sparse, dense, position)`` to a ``ModelOutput``.
 
-    Logged keys follow ``<split>/<task>/<metric>`` (``val/click/auc``) plus ``<split>/loss``
-    and ``<split>/<task>/loss``.
+    Args:
+        model: the network (see ``ranking.artifact.build_model``).
+        config: its config (tasks, loss weights, auxiliary-loss weight).
+        lr, weight_decay: Adam settings (weight decay on the dense layers only, never on embeddings).
+        loss_weighting: ``"fixed"`` uses the spec's loss weights; ``"uncertainty"`` learns one
+            log-variance per task (Kendall et al. 2018): ``sum_t exp(-s_t) * L_t + s_t``.
+
+    Logged keys follow ``<split>/<task>/<metric>`` (``val/click/auc``) plus ``<split>/loss``,
+    ``<split>/<task>/loss``, ``val/auc_mean`` (mean AUC over binary tasks, the default selection
+    metric) and gate health under ``val/gate/...``.
     """
 
-    def __init__(self, model: nn.Module, config: ModelConfig, lr: float = 2e-3, weight_decay: float = 0.0):
+    def __init__(self, model: nn.Module, config: ModelConfig, lr: float = 2e-3, weight_decay: float = 0.0,
+                 loss_weighting: LossWeighting = "fixed", seed: int = 0):
         super().__init__()
+        if loss_weighting not in ("fixed", "uncertainty"):
+            raise ValueError(f"loss_weighting must be 'fixed' or 'uncertainty', got {loss_weighting!r}")
         self.model = model
         self.config = config
         self.lr = lr
         self.weight_decay = weight_decay
-        self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "model_config": config.to_dict()})
+        self.loss_weighting = loss_weighting
+        self.seed = seed
+        self.log_vars = nn.Parameter(torch.zeros(len(config.tasks))) if loss_weighting == "uncertainty" else None
+        self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "loss_weighting": loss_weighting,
+                                   "model_config": config.to_dict()})
         self.train_metrics = _task_metrics(config).clone(prefix="train/")
         self.val_metrics = _task_metrics(config).clone(prefix="val/")
+        self.gate_stats: GateStats | None = None
+        self.last_gate_health: GateHealth | None = None
 
     def forward(self, batch: Batch) -> Any:
         return self.model(batch.sparse, batch.dense, batch.position)
@@ -50,18 +70,35 @@ class RankingModule(L.LightningModule):
         out = self(batch)
         total = torch.zeros((), device=batch.dense.device)
         metrics = self.train_metrics if split == "train" else self.val_metrics
-        for t in self.config.tasks:
+        for i, t in enumerate(self.config.tasks):
             logit, y, m = out.logits[t.name], batch.labels[t.name], batch.masks[t.name]
             loss = task_loss(t, logit, y, m)
-            total = total + t.loss_weight * loss
+            if self.log_vars is not None:
+                total = total + torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
+            else:
+                total = total + t.loss_weight * loss
             self.log(f"{split}/{t.name}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch))
             if m.any():
                 pred = torch.sigmoid(logit.float()) if t.type == "binary" else logit.float()
                 key = f"{split}/{t.name}/{'auc' if t.type == 'binary' else 'rmse'}"
                 target = y[m].long() if t.type == "binary" else y[m]
                 metrics[key].update(pred[m].detach(), target)
+        aux = getattr(out, "aux", None) or {}
+        balance_weight = float(getattr(self.config, "load_balance_weight", 0.0))
+        if "load_balance" in aux and balance_weight > 0:
+            total = total + balance_weight * aux["load_balance"]
+            self.log(f"{split}/load_balance", aux["load_balance"], on_step=False, on_epoch=True, batch_size=len(batch))
+        if split == "val" and getattr(out, "gates", None) is not None:
+            if self.gate_stats is None:
+                self.gate_stats = GateStats([t.name for t in self.config.tasks], out.gates.shape[-1])
+            self.gate_stats.update(out.gates)
         self.log(f"{split}/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch))
         return total
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        # Training randomness (dropout, gate noise, position dropout) depends on (seed, step, rank)
+        # only, so a run resumed from a checkpoint replays exactly what an uninterrupted run would.
+        torch.manual_seed(hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % 2**63)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -72,13 +109,27 @@ class RankingModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
+        if self.log_vars is not None:
+            for i, t in enumerate(self.config.tasks):
+                self.log(f"train/{t.name}/log_var", self.log_vars[i].detach())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        computed = self.val_metrics.compute()
+        self.log_dict(computed, prog_bar=True)
+        aucs = [v for k, v in computed.items() if k.endswith("/auc")]
+        if aucs:
+            self.log("val/auc_mean", torch.stack(aucs).mean())
         self.val_metrics.reset()
+        if self.gate_stats is not None:
+            self.last_gate_health = self.gate_stats.compute()
+            self.log_dict(self.last_gate_health.metrics("val"))
+            self.gate_stats.reset()
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         return batch.to(device, non_blocking=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        emb = [p for n, p in self.named_parameters() if ".embeddings." in f".{n}"]
+        rest = [p for n, p in self.named_parameters() if ".embeddings." not in f".{n}"]
+        groups = [{"params": rest, "weight_decay": self.weight_decay}, {"params": emb, "weight_decay": 0.0}]
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=self.lr)

@@ -63,3 +63,40 @@ def test_parse_overrides() -> None:
 def test_unknown_model_is_refused(small_features: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown --model 'xgb'"):
         TrainConfig(features=small_features, out=tmp_path, tracking_uri="sqlite:///x.db", model="xgb")
+
+
+def test_gate_health_metrics_and_heatmaps_are_logged(run) -> None:
+    uri, result = run
+    client = MlflowClient(uri)
+    assert len(client.get_metric_history(result.run_id, "val/gate/click/entropy")) == 2
+    assert len(client.get_metric_history(result.run_id, "val/gate/dead_fraction")) == 2
+    names = {f.path for f in client.list_artifacts(result.run_id, "gates")}
+    assert names == {"gates/gates_epoch_000.png", "gates/gates_epoch_001.png"}
+
+
+def test_resume_matches_an_uninterrupted_run(small_features: Path, tmp_path: Path) -> None:
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"features": small_features, "tracking_uri": uri, "batch_size": 256, "register_as": None,
+              "progress_bar": False, "model_overrides": {"bottom_dims": (16,), "expert_dims": (8,)}}
+    train(TrainConfig(out=tmp_path / "full", epochs=2, **common))
+    train(TrainConfig(out=tmp_path / "cut", epochs=1, **common))
+    resumed = train(TrainConfig(out=tmp_path / "cut", epochs=2, resume=True, **common))
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    # the resumed run continues the same MLflow run: one point per epoch, two epochs
+    assert len(MlflowClient(uri).get_metric_history(resumed.run_id, "val/loss")) == 2
+
+
+def test_config_file(tmp_path: Path) -> None:
+    from pipelines.train import load_config_file
+
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\nlr: 0.01\nmodel_config: {num_experts: 6, expert_dims: [32, 16]}\n")
+    assert load_config_file(f) == ({"epochs": 3, "lr": 0.01}, {"num_experts": 6, "expert_dims": (32, 16)})
+    f.write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown training field\(s\) \['epochz'\]"):
+        load_config_file(f)
