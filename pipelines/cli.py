@@ -118,38 +118,52 @@ def format_summary(summary: Any, out: Path) -> str:
 @friendly
 def train_cmd(
     features: Annotated[Path, typer.Option(help="Output of `ranker features build`.")],
-    model: Annotated[str, typer.Option(help="Model family.")] = "mmoe",
-    out: Annotated[Path, typer.Option(help="Folder for checkpoints, artifact, metrics.json.")] = Path(
-        "runs/latest"
-    ),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 1024,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
-    seed: Annotated[int, typer.Option(help="Seed for weights and shuffling.")] = 0,
-    accelerator: Annotated[str, typer.Option(help="Lightning accelerator (auto, cpu, gpu).")] = "auto",
+    model: Annotated[str | None, typer.Option(help="mmoe (default), ple, omoe, shared_bottom, single_task.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML of training fields (+ model_config: {...}).")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Model config override key=value (repeatable).")
     ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for checkpoints, artifact, metrics.json.")] = Path("runs/latest"),
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 2).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default 1024).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 2e-3).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for weights, shuffling and dropout.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="Lightning accelerator: auto, cpu, gpu.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Devices per node (e.g. 2, or auto).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy (auto, ddp).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "ranker",
-    register_as: Annotated[str, typer.Option(help="Registered model name ('' = don't register).")] = "ranker",
-    alias: Annotated[str, typer.Option(help="Alias to point at the new version ('' = none).")] = "champion",
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (default ranker).")] = None,
+    register_as: Annotated[str | None, typer.Option(help="Registered model name ('' = don't register).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Alias for the new version ('' = none).")] = None,
 ) -> None:
-    """Train a model, export the inference artifact, log to MLflow and register it."""
+    """Train a model, export the inference artifact, log to MLflow and register it.
+
+    Precedence: command-line options > --config file > defaults; --set overrides model_config.
+    """
     from pipelines.tracking import default_tracking_uri
-    from pipelines.train import TrainConfig, parse_overrides, train
+    from pipelines.train import TrainConfig, load_config_file, parse_overrides, train
 
     _setup_logging()
+    fields, model_overrides = load_config_file(config) if config else ({}, {})
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "accelerator": accelerator,
+             "strategy": strategy, "devices": (int(devices) if devices and devices.isdigit() else devices),
+             "model": model, "experiment": experiment, "register_as": register_as, "alias": alias}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    for key in ("register_as", "alias"):
+        if fields.get(key) == "":
+            fields[key] = None
+    if resume:
+        fields["resume"] = True
     cfg = TrainConfig(
-        features=features, out=out, tracking_uri=tracking_uri or default_tracking_uri(), model=model,
-        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, accelerator=accelerator,
-        experiment=experiment, register_as=register_as or None, alias=alias or None,
-        model_overrides=parse_overrides(set_ or []),
+        features=features, out=out, tracking_uri=tracking_uri or default_tracking_uri(),
+        model_overrides={**model_overrides, **parse_overrides(set_ or [])}, **fields,
     )
     result = train(cfg)
-    shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/")}
+    shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/") and "/gate/" not in k}
     typer.echo(json.dumps(shown, indent=1))
-    typer.echo(f"run {result.run_id}; artifact {result.artifact}; registered version {result.model_version}")
+    typer.echo(f"run {result.run_id}; best epoch {result.best_epoch}; artifact {result.artifact}; "
+               f"registered version {result.model_version}")
 
 
 @app.command("serve")
