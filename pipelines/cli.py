@@ -160,6 +160,8 @@ def train_cmd(
         model_overrides={**model_overrides, **parse_overrides(set_ or [])}, **fields,
     )
     result = train(cfg)
+    if not result.primary:
+        return
     shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/") and "/gate/" not in k}
     typer.echo(json.dumps(shown, indent=1))
     typer.echo(f"run {result.run_id}; best epoch {result.best_epoch}; artifact {result.artifact}; "

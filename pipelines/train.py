@@ -14,6 +14,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from pipelines.plots import gate_heatmap
 from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
@@ -74,6 +75,7 @@ class TrainResult:
     model_version: str | None
     seconds: float
     best_epoch: int | None = None
+    primary: bool = True  # False on the non-zero ranks of a distributed run (they log and export nothing)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -153,7 +155,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
                           run_id=run_id_file.read_text().strip() if resuming and run_id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
-    run_id_file.write_text(str(logger.run_id))
+    if rank_zero_only.rank == 0:
+        run_id_file.write_text(str(logger.run_id))
     if not resuming:
         logger.log_hyperparams(
             {
@@ -195,8 +198,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         best_epoch = int(Path(best.best_model_path).stem.split("epoch=")[-1])
         metrics["best_epoch"] = float(best_epoch)
     if not trainer.is_global_zero:
-        return TrainResult(str(logger.run_id), out / "artifact", metrics, None, time.perf_counter() - start,
-                           best_epoch)
+        return TrainResult("", out / "artifact", metrics, None, time.perf_counter() - start, best_epoch, False)
 
     run_id = str(logger.run_id)
     artifact = export_artifact(
