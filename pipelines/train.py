@@ -15,12 +15,14 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric
 
 from pipelines.plots import gate_heatmap
 from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
 from ranking.artifact import build_model, export_artifact
 from ranking.config import ModelConfig
 from ranking.data import RankingDataModule, load_features
+from ranking.evaluate import evaluate, split_table
 from ranking.module import RankingModule
 
 log = logging.getLogger("pipelines.train")
@@ -201,6 +203,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         return TrainResult("", out / "artifact", metrics, None, time.perf_counter() - start, best_epoch, False)
 
     run_id = str(logger.run_id)
+    # Final evaluation of the selected weights on every split there is: the full metric set.
+    final: dict[str, float] = {}
+    for split in ("val", "test"):
+        if (Path(cfg.features) / f"{split}.parquet").is_file():
+            table = split_table(cfg.features, split, mconf, fitted)
+            final.update(evaluate(module.model.cpu(), table, mconf, f"final/{split}"))
+    finite = {k: v for k, v in final.items() if v == v}  # MLflow rejects NaN metrics
+    logger.experiment.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in finite.items()])
+    metrics.update(final)
     artifact = export_artifact(
         module.model,
         mconf,

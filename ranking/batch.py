@@ -6,7 +6,7 @@ model-ready Polars frame (``s_*``, ``d_*``, ``y_*``, ``position`` columns, see `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -27,6 +27,8 @@ class Batch:
         position: (B,) display position, or None (serving).
         labels: task -> (B,) float targets (0 where missing; see ``masks``).
         masks: task -> (B,) bool, True where the label is present.
+        extra: evaluation-only columns, e.g. ``"user"``/``"request"`` (B,) int64 group ids and
+            passthrough floats such as ``"true_relevance"``; empty in training.
     """
 
     sparse: KeyedJaggedTensor
@@ -34,6 +36,7 @@ class Batch:
     position: torch.Tensor | None
     labels: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -42,6 +45,7 @@ class Batch:
             position=None if self.position is None else self.position.to(device, non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             masks={k: v.to(device, non_blocking=non_blocking) for k, v in self.masks.items()},
+            extra=self.extra,  # evaluation bookkeeping stays on the CPU
         )
 
     def __len__(self) -> int:
@@ -65,7 +69,10 @@ class FeatureTable:
         ([2, 0], [True, False])
     """
 
-    def __init__(self, frame: pl.DataFrame, config: ModelConfig) -> None:
+    def __init__(self, frame: pl.DataFrame, config: ModelConfig, extra: dict[str, str] | None = None) -> None:
+        """``extra`` maps a name to a column to carry for evaluation: ids (any type) become dense
+        int64 group ids, float columns stay floats (e.g. ``{"user": "user_id", "request": "request_id"}``).
+        """
         self.config = config
         self.keys = [s.name for s in config.sparse]
         self.n = frame.height
@@ -89,6 +96,15 @@ class FeatureTable:
             if "position" in frame.columns
             else None
         )
+        self.extra: dict[str, torch.Tensor] = {}
+        for name, col in (extra or {}).items():
+            if col not in frame.columns:
+                continue
+            series = frame[col]
+            if series.dtype.is_float():
+                self.extra[name] = torch.from_numpy(series.cast(pl.Float64).to_numpy().copy())
+            else:
+                self.extra[name] = torch.from_numpy(series.rank("dense").cast(pl.Int64).to_numpy().copy())
         self.labels: dict[str, torch.Tensor] = {}
         for t in config.tasks:
             c = label_col(t.name)
@@ -128,6 +144,7 @@ class FeatureTable:
             position=None if self.position is None else self.position[idx],
             labels=labels,
             masks=masks,
+            extra={k: v[idx] for k, v in self.extra.items()},
         )
 
     def all(self) -> Batch:

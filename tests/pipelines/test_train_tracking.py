@@ -32,6 +32,10 @@ def test_run_has_params_and_per_epoch_task_metrics(run) -> None:
         history = client.get_metric_history(result.run_id, key)
         assert len(history) == 2, key  # one point per epoch
     assert r.info.artifact_uri.startswith(artifact_location(uri) or "")
+    # the selected weights are evaluated on the whole validation split once more
+    for key in ("final/val/click/gauc", "final/val/true/ndcg_at_10"):
+        assert 0.0 < r.data.metrics[key] <= 1.0, key
+    assert r.data.metrics["final/val/click/ne"] > 0
 
 
 def test_registered_champion_is_a_loadable_artifact(run, tmp_path: Path) -> None:
