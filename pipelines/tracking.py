@@ -44,7 +44,7 @@ def artifact_location(uri: str) -> str | None:
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating it with the right artifact location when new."""
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
@@ -55,7 +55,7 @@ def register_artifact(
     uri: str, run_id: str, artifact_path: str, name: str, alias: str | None, description: str = ""
 ) -> ModelVersion:
     """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``; point ``alias`` at it."""
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         client.create_registered_model(name, description="MMoE multi-task ranker (inference artifact)")
     except MlflowException as e:

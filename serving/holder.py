@@ -80,9 +80,13 @@ class ModelHolder:
             ValueError: the URI does not point at an inference artifact.
         """
         start = time.perf_counter()
-        path = self._fetch()
+        path, registered = self._fetch()
         model = InferenceModel(path)
-        name, version = self._identify(model.metadata, path)
+        if registered is not None:
+            name, version = registered
+        else:
+            name = str(model.metadata.get("model_name") or path.name)
+            version = str(model.metadata.get("model_version") or path.name)
         warm_up(model)
         loaded = LoadedModel(model=model, name=name, version=version, uri=self.uri, loaded_at=time.time())
         self._current = loaded  # the swap: one attribute store
@@ -102,37 +106,59 @@ class ModelHolder:
         self._tmpdirs.clear()
 
     # ----------------------------------------------------------------------------- sources
-    def _fetch(self) -> Path:
+    def _fetch(self) -> tuple[Path, tuple[str, str] | None]:
+        """(local artifact folder, (registered name, version) for ``models:/`` URIs else ``None``)."""
         local = Path(self.uri)
         if "://" not in self.uri and ":/" not in self.uri:
             if not local.is_dir():
                 raise ValueError(f"model uri {self.uri!r} is neither an MLflow URI nor an existing folder")
-            return local
+            return local, None
         import mlflow.artifacts  # heavy; only MLflow sources need it
 
+        registered = None
+        source = self.uri
+        if self.uri.startswith("models:/"):
+            # Resolve the registry reference ourselves, once, with this holder's store: MLflow's own
+            # ``models:/`` download consults the process-wide registry URI, which may point elsewhere,
+            # and resolving twice could race with an alias move.
+            name, version, source = self._resolve_registered()
+            registered = (name, version)
         dst = Path(tempfile.mkdtemp(prefix="ranker-model-"))
         self._tmpdirs.append(dst)
-        log.info("downloading model uri=%s to %s", self.uri, dst)
+        log.info("downloading model uri=%s (%s) to %s", self.uri, source, dst)
         got = mlflow.artifacts.download_artifacts(
-            artifact_uri=self.uri, dst_path=str(dst), tracking_uri=self.tracking_uri
+            artifact_uri=source, dst_path=str(dst), tracking_uri=self.tracking_uri
         )
-        return find_artifact(Path(got), self.uri)
+        return find_artifact(Path(got), self.uri), registered
 
-    def _identify(self, metadata: dict[str, Any], path: Path) -> tuple[str, str]:
-        """(model name, version) for the loaded source."""
-        meta_name = str(metadata.get("model_name") or path.name)
-        meta_version = str(metadata.get("model_version") or path.name)
-        if not self.uri.startswith("models:/"):
-            return meta_name, meta_version
+    def _resolve_registered(self) -> tuple[str, str, str]:
+        """``models:/name@alias``, ``models:/name/<version>`` or ``models:/name/latest`` → (name, version, source)."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        store = self.tracking_uri or mlflow.get_tracking_uri()
+        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
         ref = self.uri.removeprefix("models:/").strip("/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            import mlflow
-
-            mv = mlflow.MlflowClient(tracking_uri=self.tracking_uri).get_model_version_by_alias(name, alias)
-            return name, str(mv.version)
-        name, _, version = ref.partition("/")
-        return name, version if version.isdigit() else meta_version
+        try:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = str(client.get_model_version_by_alias(name, alias).version)
+            else:
+                name, _, version = ref.partition("/")
+                if version == "latest":
+                    found = client.search_model_versions(f"name='{name}'")
+                    if not found:
+                        raise ValueError(f"model uri {self.uri!r}: registered model {name!r} has no versions")
+                    version = str(max(int(v.version) for v in found))
+                elif not version.isdigit():
+                    raise ValueError(
+                        f"model uri {self.uri!r} is not models:/<name>@<alias>, models:/<name>/<version> "
+                        "or models:/<name>/latest"
+                    )
+            source = client.get_model_version_download_uri(name, version)
+        except MlflowException as e:
+            raise ValueError(f"model uri {self.uri!r} does not resolve in {store}: {e.message}") from e
+        return name, version, source
 
 
 def find_artifact(root: Path, uri: str) -> Path:

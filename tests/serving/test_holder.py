@@ -78,11 +78,23 @@ def test_mlflow_alias_resolves_the_registered_version(
         mv = client.create_model_version("ranker", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     client.set_registered_model_alias("ranker", "champion", mv.version)
 
-    holder = ModelHolder("models:/ranker@champion", tracking_uri=uri)
-    loaded = holder.load()
+    # another store set process-wide (as an earlier training run in the same process does) must not
+    # be consulted: the holder resolves the registry reference in its own store
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        holder = ModelHolder("models:/ranker@champion", tracking_uri=uri)
+        loaded = holder.load()
+    finally:
+        mlflow.set_tracking_uri(before)
     assert (loaded.name, loaded.version) == ("ranker", "2")
     assert ModelHolder("models:/ranker/1", tracking_uri=uri).load().version == "1"
     by_run = ModelHolder(f"runs:/{run.info.run_id}/model", tracking_uri=uri).load()
     assert (by_run.name, by_run.version) == ("ranker", "1")  # from the artifact's metadata
+    assert ModelHolder("models:/ranker/latest", tracking_uri=uri).load().version == "2"
+    with pytest.raises(ValueError, match="models:/ranker@nobody.*does not resolve"):
+        ModelHolder("models:/ranker@nobody", tracking_uri=uri).load()
+    with pytest.raises(ValueError, match="is not models:/<name>@<alias>"):
+        ModelHolder("models:/ranker/v2", tracking_uri=uri).load()
     holder.close()
     assert not loaded.model.path.exists()
