@@ -1,10 +1,26 @@
-"""MMoE ranking model: TorchRec embeddings -> shared bottom -> experts + per-task gates -> towers.
+"""Multi-task ranking models: TorchRec embeddings -> shared bottom -> experts + gates -> towers.
+
+``MMoE`` is the default; ``SingleTask``, ``SharedBottom``, ``OMoE`` and ``PLE`` share its front and
+output parts (``ranking.models``); ``build_model`` picks one from a config.
 
 Importing ``ranking`` does not import Lightning; the training parts live in ``ranking.module`` and
 ``ranking.data``, the inference parts in ``ranking.inference``.
 """
 
-from ranking.config import ModelConfig, SparseSlot, TaskHead
-from ranking.mmoe import MMoE, ModelOutput
+from ranking.config import GateConfig, ModelConfig, SparseSlot, TaskHead
+from ranking.mmoe import MMoE
+from ranking.models import PLE, ModelOutput, OMoE, RankingModel, SharedBottom, SingleTask
 
-__all__ = ["MMoE", "ModelConfig", "ModelOutput", "SparseSlot", "TaskHead"]
+__all__ = [
+    "PLE",
+    "GateConfig",
+    "MMoE",
+    "ModelConfig",
+    "ModelOutput",
+    "OMoE",
+    "RankingModel",
+    "SharedBottom",
+    "SingleTask",
+    "SparseSlot",
+    "TaskHead",
+]

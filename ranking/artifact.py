@@ -21,16 +21,31 @@ import torch
 from features.fitted import FittedTransform
 from ranking.config import ModelConfig
 from ranking.mmoe import MMoE
+from ranking.models import PLE, OMoE, RankingModel, SharedBottom, SingleTask
 
 ARTIFACT_FORMAT = 1
 FILES = ("model_config.json", "weights.pt", "transform.json", "metadata.json")
 
 
-def build_model(config: ModelConfig) -> MMoE:
-    """The network a config describes (only MMoE for now)."""
-    if config.model != "mmoe":
-        raise ValueError(f"unknown model {config.model!r}; known: ['mmoe']")
-    return MMoE(config)
+def build_model(config: ModelConfig) -> RankingModel:
+    """The network a config describes, chosen by ``config.model``.
+
+    Raises:
+        ValueError: ``config.model`` names no known model.
+
+    Example:
+        >>> from ranking.config import TaskHead
+        >>> cfg = ModelConfig(sparse=(), dense=("x",), tasks=(TaskHead("click", "binary", "engagement"),),
+        ...                   model="ple", ple_levels=1)
+        >>> type(build_model(cfg)).__name__
+        'PLE'
+    """
+    kinds: dict[str, type[RankingModel]] = {
+        "single_task": SingleTask, "shared_bottom": SharedBottom, "omoe": OMoE, "mmoe": MMoE, "ple": PLE,
+    }
+    if config.model not in kinds:
+        raise ValueError(f"unknown model {config.model!r}; known: {list(kinds)}")
+    return kinds[config.model](config)
 
 
 def export_artifact(
@@ -64,7 +79,7 @@ def export_artifact(
     return out
 
 
-def load_artifact(path: str | Path) -> tuple[MMoE, ModelConfig, FittedTransform, dict[str, Any]]:
+def load_artifact(path: str | Path) -> tuple[RankingModel, ModelConfig, FittedTransform, dict[str, Any]]:
     """Rebuild (network in eval mode, config, fitted transform, metadata) from an artifact folder.
 
     Raises:

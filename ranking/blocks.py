@@ -36,27 +36,35 @@ class Expert(MLP):
     """One expert network of a mixture: (B, D_in) -> (B, D_expert)."""
 
 
-class Gate(nn.Module):
-    """A task's softmax gate over E experts, computed in float32.
+class Experts(nn.ModuleList):
+    """A pool of E experts with the same shapes, run on one input: (B, D) -> (B, E, De).
 
-    Returns weights of shape (B, E) summing to 1 along E.
+    Args:
+        in_dim: input width D.
+        dims: each expert's layer widths; the last is De.
+        num_experts: E.
+        dropout: dropout inside each expert.
 
     Example:
-        >>> Gate(8, 3)(torch.zeros(2, 8)).sum(-1).tolist()
-        [1.0, 1.0]
+        >>> Experts(8, (16, 4), num_experts=3)(torch.zeros(2, 8)).shape
+        torch.Size([2, 3, 4])
     """
 
-    def __init__(self, in_dim: int, num_experts: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_dim, num_experts)
+    def __init__(self, in_dim: int, dims: Sequence[int], num_experts: int, dropout: float = 0.0) -> None:
+        super().__init__(Expert(in_dim, dims, dropout) for _ in range(num_experts))
+        self.out_dim = dims[-1] if dims else in_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(x).float()  # (B, E); softmax in float32 even under mixed precision
-        return torch.softmax(logits, dim=-1)
+        return torch.stack([e(x) for e in self], dim=1)  # (B, E, De)
 
 
 class Tower(nn.Module):
-    """A task tower: MLP then a single output logit, (B, D) -> (B,)."""
+    """A task tower: MLP then a single output logit, (B, D) -> (B,).
+
+    Example:
+        >>> Tower(8, (4,))(torch.zeros(3, 8)).shape
+        torch.Size([3])
+    """
 
     def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0) -> None:
         super().__init__()

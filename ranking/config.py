@@ -7,10 +7,16 @@ E experts, T tasks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from features.fitted import FittedTransform
+
+ModelKind = Literal["single_task", "shared_bottom", "omoe", "mmoe", "ple"]
+GateKind = Literal["softmax", "noisy_topk"]
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,35 @@ class TaskHead:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """How a gate turns its input into weights over E experts (see ``ranking.gating.Gate``).
+
+    Args:
+        top_k: keep the k largest logits and softmax over them (zeros elsewhere); None = dense.
+        noise: scale of the trainable Gaussian logit noise (Shazeer et al. 2017), training only;
+            0 = no noise.
+        dropout: in training, probability of zeroing each expert's weight before renormalising
+            (Zhao et al. 2019 use 0.1); 0 = off.
+
+    Example:
+        >>> GateConfig(top_k=2, noise=1.0).top_k
+        2
+    """
+
+    top_k: int | None = None
+    noise: float = 0.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"gate noise must be finite and >= 0, got {self.noise}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"gate dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network; stored in the inference artifact.
 
@@ -51,10 +86,18 @@ class ModelConfig:
     sparse: tuple[SparseSlot, ...]
     dense: tuple[str, ...]
     tasks: tuple[TaskHead, ...]
-    model: Literal["mmoe"] = "mmoe"
+    model: ModelKind = "mmoe"  # which mixing sits between the shared front and the towers
     position_buckets: int = 0  # 0 disables the position-bias tower
-    bottom_dims: tuple[int, ...] = (256,)  # shared bottom; () turns it off
-    num_experts: int = 4
+    bottom_dims: tuple[int, ...] = (256,)  # shared bottom; () turns it off (single_task: per-task bottom)
+    num_experts: int = 4  # omoe, mmoe
+    num_task_experts: int = 1  # ple: experts owned by each task, per level
+    num_shared_experts: int = 2  # ple: experts shared by all tasks, per level
+    ple_levels: int = 2  # ple: extraction levels; 1 is CGC
+    gate: GateKind = "softmax"  # "noisy_topk": Shazeer et al. 2017 sparse gate
+    top_k: int = 2  # noisy_topk: experts kept per row (can be lowered later with set_top_k)
+    gate_noise: float = 1.0  # noisy_topk: scale of the trainable logit noise (training only)
+    gate_dropout: float = 0.0  # training only: chance of zeroing each expert's gate weight (paper: 0.1)
+    load_balance_weight: float = 0.0  # > 0: model returns aux["load_balance"]; the trainer applies the weight
     expert_dims: tuple[int, ...] = (128, 64)
     tower_dims: tuple[int, ...] = (32,)
     dropout: float = 0.0
@@ -62,14 +105,47 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model must be one of {list(MODEL_KINDS)}, got {self.model!r}")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"gate must be one of {list(GATE_KINDS)}, got {self.gate!r}")
+        for name in ("num_experts", "num_task_experts", "num_shared_experts", "ple_levels", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        limit = self.experts_per_gate
+        if self.gate == "noisy_topk" and limit is not None and self.top_k > limit:
+            raise ValueError(f"top_k must be <= {limit} (experts one {self.model} gate sees), got {self.top_k}")
+        if not (math.isfinite(self.gate_noise) and self.gate_noise >= 0):
+            raise ValueError(f"gate_noise must be finite and >= 0, got {self.gate_noise}")
+        if not 0.0 <= self.gate_dropout < 1.0:
+            raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout}")
+        if not (math.isfinite(self.load_balance_weight) and self.load_balance_weight >= 0):
+            raise ValueError(f"load_balance_weight must be finite and >= 0, got {self.load_balance_weight}")
         if not self.tasks:
             raise ValueError("a model needs at least one task")
         if not self.expert_dims:
             raise ValueError("expert_dims must name at least one layer width")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def experts_per_gate(self) -> int | None:
+        """E of the smallest gate this model has (PLE task gates: own + shared); None without gates."""
+        if self.model in ("omoe", "mmoe"):
+            return self.num_experts
+        if self.model == "ple":
+            return self.num_task_experts + self.num_shared_experts
+        return None
+
+    @property
+    def gating(self) -> GateConfig:
+        """The gate settings every gate of the model is built with."""
+        sparse = self.gate == "noisy_topk"
+        return GateConfig(
+            top_k=self.top_k if sparse else None,
+            noise=self.gate_noise if sparse else 0.0,
+            dropout=self.gate_dropout,
+        )
 
     @classmethod
     def from_fitted(cls, fitted: FittedTransform, **overrides: Any) -> ModelConfig:

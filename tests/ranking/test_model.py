@@ -7,8 +7,9 @@ import torch
 
 from features.fitted import FittedTransform
 from ranking.batch import FeatureTable
-from ranking.blocks import Gate, PositionBiasTower
+from ranking.blocks import PositionBiasTower
 from ranking.config import ModelConfig
+from ranking.gating import Gate
 from ranking.mmoe import MMoE
 
 

@@ -1,0 +1,333 @@
+"""The model family: one shared front and output assembly, five ways of mixing in between.
+
+Every model maps ``(sparse, dense, position)`` to a :class:`ModelOutput`::
+
+    TorchRec embeddings ++ dense -> shared bottom (optional) -> MIXING -> one tower per task
+                                                                          (+ position bias, training)
+
+and differs only in MIXING, which turns the front's (B, D) into each task's tower input (B, T, De):
+
+- ``single_task``: one bottom + expert-sized MLP per task; tasks share only the embedding tables;
+- ``shared_bottom``: one shared MLP for all tasks (an MMoE with a single expert and no gate);
+- ``omoe``: E experts, ONE gate shared by every task;
+- ``mmoe`` (in ``ranking.mmoe``): E experts, one gate per task (Ma et al., KDD 2018);
+- ``ple``: Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
+
+Shape letters: B batch, T tasks, E experts (per gate), D front width, De expert / tower-input width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from ranking.blocks import MLP, Experts, PositionBiasTower, Tower
+from ranking.config import ModelConfig
+from ranking.gating import Gate, load_balance_loss, mix_experts
+
+
+@dataclass
+class ModelOutput:
+    """What a ranking model returns: predictions plus what auxiliary losses and gate health need.
+
+    Attributes:
+        logits: task name -> (B,) logits (binary tasks) or predictions (regression tasks).
+        gates: (B, T, E) gate weights per task, rows summing to 1; None for models without gates.
+            OMoE repeats its one gate for every task; PLE gives the last level's task gates over
+            [the task's own experts, then the shared experts].
+        aux: unweighted auxiliary losses (scalars), e.g. ``"load_balance"`` when the config's
+            ``load_balance_weight > 0``; the trainer weighs and adds them.
+    """
+
+    logits: dict[str, torch.Tensor]
+    gates: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RankingModel(nn.Module):
+    """Base of every variant: the shared front (``embed``) and the output assembly (``predict``).
+
+    Subclasses build their mixing modules in ``build_mixing`` and write ``forward`` as
+    ``embed -> mix -> predict``. Modules are created in state_dict order (front, mixing, towers,
+    position tower) so that MMoE's keys and seeded initialisation match earlier releases; the
+    attribute names are part of the saved keys, keep them.
+
+    Args:
+        config: the model config (tables, dense inputs, tasks, widths, gating).
+    """
+
+    #: build ``config.bottom_dims`` as a shared bottom; ``SingleTask`` gives each task its own instead.
+    shared_bottom: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.task_names = [t.name for t in config.tasks]
+        self.engagement = [t.name for t in config.tasks if t.group == "engagement"]
+        self.embeddings = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=f"t_{s.name}",
+                    embedding_dim=s.embedding_dim,
+                    num_embeddings=s.num_embeddings,
+                    feature_names=[s.name],
+                    pooling=PoolingType.MEAN if s.pooling == "mean" else PoolingType.SUM,
+                )
+                for s in config.sparse
+            ],
+            device=torch.device("cpu"),
+        )
+        in_dim = sum(s.embedding_dim for s in config.sparse) + len(config.dense)
+        self.bottom = MLP(in_dim, config.bottom_dims if self.shared_bottom else (), config.dropout)
+        self.build_mixing(config)
+        self.towers = nn.ModuleDict(
+            {t: Tower(config.expert_dims[-1], config.tower_dims, config.dropout) for t in self.task_names}
+        )
+        self.position_tower = (
+            PositionBiasTower(config.position_buckets, config.position_dropout)
+            if config.position_buckets > 0
+            else None
+        )
+
+    def build_mixing(self, config: ModelConfig) -> None:
+        """Create the variant's modules between the front (width ``self.width``) and the towers."""
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int:
+        """D, the width of what ``embed`` returns (the mixing part's input)."""
+        return self.bottom.out_dim
+
+    def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings ++ dense features through the shared bottom: (B, D)."""
+        emb = self.embeddings(sparse).values()  # (B, sum of embedding dims)
+        return self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
+
+    def predict(
+        self,
+        task_inputs: torch.Tensor,
+        position: torch.Tensor | None,
+        gates: torch.Tensor | None = None,
+        routing: Sequence[torch.Tensor] = (),
+    ) -> ModelOutput:
+        """Towers, position bias and auxiliary losses: the part every variant ends with.
+
+        Args:
+            task_inputs: (B, T, De) each task's tower input, tasks in config order.
+            position: (B,) display positions in training, None at serving.
+            gates: (B, T, E) weights to report (gate health), or None.
+            routing: every gate's weights, (B, E) or (B, T, E), for the load-balancing loss.
+        """
+        logits = {t: self.towers[t](task_inputs[:, i]) for i, t in enumerate(self.task_names)}  # t -> (B,)
+        # Serving passes no position: the bias tower then drops out of the prediction entirely.
+        if position is not None and self.position_tower is not None:
+            bias = self.position_tower(position)  # (B,)
+            logits = {t: (x + bias if t in self.engagement else x) for t, x in logits.items()}
+        aux: dict[str, torch.Tensor] = {}
+        if self.config.load_balance_weight > 0 and routing:
+            aux["load_balance"] = torch.stack([load_balance_loss(w) for w in routing]).mean()
+        return ModelOutput(logits=logits, gates=gates, aux=aux)
+
+    def set_top_k(self, k: int) -> None:
+        """Make every gate keep only its ``k`` largest weights (e.g. fewer experts at inference).
+
+        Works without retraining; not written to the config, so re-apply it after loading.
+
+        Raises:
+            ValueError: the model has no gates, or ``k`` is outside [1, E] for one of its gates.
+        """
+        gates = [m for m in self.modules() if isinstance(m, Gate)]
+        if not gates:
+            raise ValueError(f"model {self.config.model!r} has no gates; set_top_k needs omoe, mmoe or ple")
+        limit = min(g.num_experts for g in gates)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+            raise ValueError(f"top_k must be an integer in [1, {limit}] (experts of the smallest gate), got {k!r}")
+        for g in gates:
+            g.set_top_k(k)
+
+
+class SingleTask(RankingModel):
+    """One independent network per task (bottom + expert-sized MLP + tower) on shared embedding tables.
+
+    Task A's loss reaches only A's network and the embedding tables, never B's dense layers.
+
+    Example:
+        >>> from ranking.config import SparseSlot, TaskHead
+        >>> cfg = ModelConfig(sparse=(SparseSlot("user", 10, 4),), dense=("x",), model="single_task",
+        ...                   tasks=(TaskHead("click", "binary", "engagement"),), bottom_dims=(8,),
+        ...                   expert_dims=(8,), tower_dims=(4,))
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+        >>> out = SingleTask(cfg)(kjt, torch.zeros(2, 1))
+        >>> out.logits["click"].shape, out.gates
+        (torch.Size([2]), None)
+    """
+
+    shared_bottom = False
+
+    def build_mixing(self, config: ModelConfig) -> None:
+        dims = (*config.bottom_dims, *config.expert_dims)
+        self.task_nets = nn.ModuleDict({t: MLP(self.width, dims, config.dropout) for t in self.task_names})
+
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
+    ) -> ModelOutput:
+        x = self.embed(sparse, dense)  # (B, D): embeddings ++ dense, no shared layer
+        per_task = torch.stack([net(x) for net in self.task_nets.values()], dim=1)  # (B, T, De)
+        return self.predict(per_task, position)
+
+
+class SharedBottom(RankingModel):
+    """Hard parameter sharing: one MLP (``expert_dims``) for all tasks on top of the shared bottom.
+
+    Example:
+        >>> from ranking.config import SparseSlot, TaskHead
+        >>> cfg = ModelConfig(sparse=(SparseSlot("user", 10, 4),), dense=("x",), model="shared_bottom",
+        ...                   tasks=(TaskHead("click", "binary", "engagement"),), bottom_dims=(8,),
+        ...                   expert_dims=(8,), tower_dims=(4,))
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+        >>> SharedBottom(cfg)(kjt, torch.zeros(2, 1)).logits["click"].shape
+        torch.Size([2])
+    """
+
+    def build_mixing(self, config: ModelConfig) -> None:
+        self.shared = MLP(self.width, config.expert_dims, config.dropout)
+
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
+    ) -> ModelOutput:
+        x = self.embed(sparse, dense)  # (B, D)
+        h = self.shared(x)  # (B, De)
+        per_task = h.unsqueeze(1).expand(-1, len(self.task_names), -1)  # (B, T, De): same input to every tower
+        return self.predict(per_task, position)
+
+
+class OMoE(RankingModel):
+    """One-gate Mixture-of-Experts: E experts and a single gate whose mixture every tower reads.
+
+    ``gates`` in the output repeats the one gate for every task: (B, T, E).
+
+    Example:
+        >>> from ranking.config import SparseSlot, TaskHead
+        >>> cfg = ModelConfig(sparse=(SparseSlot("user", 10, 4),), dense=("x",), model="omoe",
+        ...                   tasks=(TaskHead("click", "binary", "engagement"),
+        ...                          TaskHead("like", "binary", "satisfaction")),
+        ...                   bottom_dims=(8,), expert_dims=(8,), tower_dims=(4,), num_experts=3)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+        >>> OMoE(cfg)(kjt, torch.zeros(2, 1)).gates.shape
+        torch.Size([2, 2, 3])
+    """
+
+    def build_mixing(self, config: ModelConfig) -> None:
+        self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
+        self.gate = Gate(self.width, config.num_experts, config.gating)
+
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
+    ) -> ModelOutput:
+        x = self.embed(sparse, dense)  # (B, D)
+        experts = self.experts(x)  # (B, E, De)
+        gate = self.gate(x)  # (B, E)
+        gates = gate.unsqueeze(1).expand(-1, len(self.task_names), -1)  # (B, T, E): one gate, every task
+        return self.predict(mix_experts(gates, experts), position, gates, routing=[gate])
+
+
+@dataclass
+class LevelOutput:
+    """What one PLE level hands on: task and shared outputs, and its gate weights."""
+
+    tasks: torch.Tensor  # (B, T, De) each task's mixture
+    shared: torch.Tensor | None  # (B, De) the shared mixture; None on the last level
+    task_gates: torch.Tensor  # (B, T, Et + Es) over [task's own experts, shared experts]
+    shared_gate: torch.Tensor | None  # (B, T * Et + Es) over [task 0's, ..., task T-1's, shared experts]
+
+
+class ExtractionLevel(nn.Module):
+    """One PLE level: per-task experts plus shared experts, one gate per task (+ a shared gate).
+
+    Task t's gate, fed task t's input, mixes [t's own Et experts, the Es shared experts]. With
+    ``shared_gate`` (every level but the last), a shared gate fed the shared input mixes all
+    T * Et + Es experts into the next level's shared input. A lone last level is CGC.
+
+    Args:
+        in_dim: input width (D on the first level, De after).
+        config: expert counts and widths, gating.
+        shared_gate: build the shared gate (False on the last level, whose shared output is unused).
+
+    Example:
+        >>> from ranking.config import SparseSlot, TaskHead
+        >>> cfg = ModelConfig(sparse=(), dense=("x",), tasks=(TaskHead("a", "binary", "engagement"),
+        ...                   TaskHead("b", "binary", "engagement")), model="ple", expert_dims=(4,),
+        ...                   num_task_experts=1, num_shared_experts=2)
+        >>> out = ExtractionLevel(6, cfg, shared_gate=True)(torch.zeros(5, 2, 6), torch.zeros(5, 6))
+        >>> out.tasks.shape, out.shared.shape, out.task_gates.shape, out.shared_gate.shape
+        (torch.Size([5, 2, 4]), torch.Size([5, 4]), torch.Size([5, 2, 3]), torch.Size([5, 4]))
+    """
+
+    def __init__(self, in_dim: int, config: ModelConfig, shared_gate: bool) -> None:
+        super().__init__()
+        n_tasks, own, shared = len(config.tasks), config.num_task_experts, config.num_shared_experts
+        self.task_experts = nn.ModuleList(
+            Experts(in_dim, config.expert_dims, own, config.dropout) for _ in range(n_tasks)
+        )
+        self.shared_experts = Experts(in_dim, config.expert_dims, shared, config.dropout)
+        self.task_gates = nn.ModuleList(Gate(in_dim, own + shared, config.gating) for _ in range(n_tasks))
+        self.shared_gate = Gate(in_dim, n_tasks * own + shared, config.gating) if shared_gate else None
+
+    def forward(self, task_inputs: torch.Tensor, shared_input: torch.Tensor) -> LevelOutput:
+        """task_inputs: (B, T, D_in), shared_input: (B, D_in)."""
+        n_tasks = task_inputs.shape[1]
+        own = torch.stack([e(task_inputs[:, t]) for t, e in enumerate(self.task_experts)], dim=1)  # (B, T, Et, De)
+        shared = self.shared_experts(shared_input)  # (B, Es, De)
+        pools = torch.cat([own, shared.unsqueeze(1).expand(-1, n_tasks, -1, -1)], dim=2)  # (B, T, Et + Es, De)
+        gates = torch.stack([g(task_inputs[:, t]) for t, g in enumerate(self.task_gates)], dim=1)  # (B, T, Et + Es)
+        tasks = torch.einsum("bte,bted->btd", gates.to(pools.dtype), pools)  # (B, T, De)
+        if self.shared_gate is None:
+            return LevelOutput(tasks, None, gates, None)
+        everything = torch.cat([own.flatten(1, 2), shared], dim=1)  # (B, T * Et + Es, De)
+        shared_w = self.shared_gate(shared_input)  # (B, T * Et + Es)
+        mixed = mix_experts(shared_w.unsqueeze(1), everything).squeeze(1)  # (B, De)
+        return LevelOutput(tasks, mixed, gates, shared_w)
+
+
+class PLE(RankingModel):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020); ``ple_levels=1`` is CGC.
+
+    ``gates`` in the output are the last level's task gates, (B, T, Et + Es), experts ordered
+    [the task's own ``num_task_experts``, then the ``num_shared_experts`` shared ones].
+
+    Example:
+        >>> from ranking.config import SparseSlot, TaskHead
+        >>> cfg = ModelConfig(sparse=(SparseSlot("user", 10, 4),), dense=("x",), model="ple",
+        ...                   tasks=(TaskHead("click", "binary", "engagement"),
+        ...                          TaskHead("like", "binary", "satisfaction")),
+        ...                   bottom_dims=(8,), expert_dims=(8,), tower_dims=(4,),
+        ...                   num_task_experts=1, num_shared_experts=2, ple_levels=2)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["user"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+        >>> PLE(cfg)(kjt, torch.zeros(2, 1)).gates.shape
+        torch.Size([2, 2, 3])
+    """
+
+    def build_mixing(self, config: ModelConfig) -> None:
+        widths = [self.width] + [config.expert_dims[-1]] * (config.ple_levels - 1)
+        last = config.ple_levels - 1
+        self.levels = nn.ModuleList(
+            ExtractionLevel(w, config, shared_gate=i < last) for i, w in enumerate(widths)
+        )
+
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
+    ) -> ModelOutput:
+        x = self.embed(sparse, dense)  # (B, D)
+        tasks, shared = x.unsqueeze(1).expand(-1, len(self.task_names), -1), x  # (B, T, D), (B, D)
+        routing: list[torch.Tensor] = []
+        for level in self.levels:
+            out = level(tasks, shared)
+            tasks = out.tasks  # (B, T, De)
+            shared = out.shared if out.shared is not None else shared  # (B, De); the last level has none
+            routing += [g for g in (out.task_gates, out.shared_gate) if g is not None]
+        return self.predict(tasks, position, out.task_gates, routing)
