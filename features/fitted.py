@@ -139,10 +139,23 @@ class FittedTransform:
             exprs.append(_scaled(d, self.numeric[d.name]).cast(pl.Float32).alias(dense_col(d.name)))
         if spec.position is not None:
             p = spec.position
-            exprs.append(
-                pl.col(p.column).cast(pl.Int64).clip(0, p.max_position).fill_null(0).alias("position")
-            )
+            pos = pl.col(p.column).cast(pl.Int64).clip(0, p.max_position).fill_null(0)
+            if p.cross is not None:  # bucket = position + (max_position + 1) * id of the crossed feature
+                cross = next(f for f in spec.sparse if f.name == p.cross)
+                pos = pos + (p.max_position + 1) * self._encode(cross).cast(pl.Int64)
+            exprs.append(pos.alias("position"))
         return exprs
+
+    def position_buckets(self) -> int:
+        """Distinct values of the model-ready ``position`` column (0 when the spec has no position).
+
+        ``max_position + 1`` positions, times the crossed feature's table size when ``position.cross``
+        is set.
+        """
+        p = self.spec.position
+        if p is None:
+            return 0
+        return (p.max_position + 1) * (self.table_size(p.cross) if p.cross is not None else 1)
 
     def label_expressions(self) -> list[pl.Expr]:
         out = []

@@ -108,6 +108,8 @@ class Position(_Frozen):
 
     column: str = "position"
     max_position: int = Field(default=31, ge=1)  # larger positions share the last bucket
+    # a single-valued sparse feature (e.g. device) crossed with position: one bias per (position, value)
+    cross: str | None = None
 
 
 class Task(_Frozen):
@@ -179,6 +181,17 @@ class FeatureSpec(_Frozen):
             missing = [c for c in f.cross if c not in declared]
             if missing:
                 raise ValueError(f"cross {f.name!r} uses {missing}, which no other feature declares")
+        return self
+
+    @model_validator(mode="after")
+    def _position_cross_is_a_single_valued_feature(self) -> FeatureSpec:
+        if self.position is None or self.position.cross is None:
+            return self
+        found = next((f for f in self.sparse if f.name == self.position.cross), None)
+        if found is None:
+            raise ValueError(f"position.cross {self.position.cross!r} names no sparse feature")
+        if found.multi:
+            raise ValueError(f"position.cross {self.position.cross!r} is multi-valued; it must be single-valued")
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,10 @@ noisy logging policy. Labels come from latent factors:
 * click follows the examination hypothesis, ``P(click) = examine(position) * sigmoid(a + b)`` with
   ``examine(p) = (1 + p) ** -position_bias``: position changes clicks independently of relevance;
 * ``true_relevance = sigmoid(a + b)`` (click probability if examined) and ``true_satisfaction`` are
-  written next to the labels for evaluating debiasing.
+  written next to the labels for evaluating debiasing;
+* the logging policy orders a slate by relevance plus noise, plus ``policy_promotion`` for items of
+  promoted categories (every third category): a business rule that puts items on top whatever their
+  relevance, the confounder that makes position bias hurt a ranking learned from clicks.
 
 Example:
     >>> from features.synthetic import SynthConfig, generate_day
@@ -50,6 +53,7 @@ class SynthConfig:
     correlation: float = 0.6  # engagement vs satisfaction affinity, in [-1, 1]
     position_bias: float = 1.0  # examine(p) = (1 + p) ** -position_bias; 0 = no position effect
     policy_noise: float = 1.0  # std of the logging policy's noise on the relevance logit
+    policy_promotion: float = 0.0  # logging-policy boost for items of promoted categories (category % 3 == 0)
 
     def __post_init__(self) -> None:
         for f in ("days", "users", "items", "requests_per_day", "slate_size", "categories", "creators"):
@@ -153,8 +157,9 @@ def generate_day(cfg: SynthConfig, day: int, world: _World | None = None) -> pl.
     rel_logit = a - 1.0 + ctx
     true_relevance = _sigmoid(rel_logit)
 
-    # Logging policy: a noisy view of relevance decides the display order.
-    policy = rel_logit + rng.normal(0, cfg.policy_noise, (r, s))
+    # Logging policy: a noisy view of relevance (plus any promotion) decides the display order.
+    promoted = (w.item_category[items] % 3 == 0) * cfg.policy_promotion  # (R, S)
+    policy = rel_logit + promoted + rng.normal(0, cfg.policy_noise, (r, s))
     order = np.argsort(-policy, axis=1)
     position = np.empty_like(order)
     np.put_along_axis(position, order, np.arange(s)[None, :].repeat(r, 0), axis=1)

@@ -56,6 +56,9 @@ def data_synth(
     slate_size: Annotated[int | None, typer.Option(help="Candidates shown per request.")] = None,
     correlation: Annotated[float | None, typer.Option(help="Engagement/satisfaction correlation.")] = None,
     position_bias: Annotated[float | None, typer.Option(help="Exponent of the examination curve.")] = None,
+    policy_promotion: Annotated[
+        float | None, typer.Option(help="Logging-policy boost for promoted categories (a position confounder).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
 ) -> None:
     """Write a synthetic YouTube-like impression log as date-partitioned Parquet."""
@@ -63,7 +66,7 @@ def data_synth(
 
     cfg = config_with(
         days=days, users=users, items=items, requests_per_day=requests_per_day, slate_size=slate_size,
-        correlation=correlation, position_bias=position_bias, seed=seed,
+        correlation=correlation, position_bias=position_bias, policy_promotion=policy_promotion, seed=seed,
     )
     paths = write_log(cfg, out)
     rows = cfg.days * cfg.requests_per_day * cfg.slate_size

@@ -166,7 +166,7 @@ class ModelConfig:
             TaskHead(t.name, t.type, t.group, t.loss_weight, t.serving_weight, t.higher_is_better)
             for t in spec.tasks
         )
-        position = spec.position.max_position + 1 if spec.position is not None else 0
+        position = fitted.position_buckets()  # positions (x the crossed feature), 0 without position
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from features.build import BuildSummary
-from features.fitted import OOV, FittedTransform
+from features.fitted import OOV, FittedTransform, sparse_col
 from features.spec import FeatureSpec
 
 
@@ -77,3 +77,17 @@ def test_serving_transform_errors_name_the_feature(fitted: FittedTransform) -> N
     out = fitted.transform_request({"user_id": 10**9}, ok_ctx, {**cands, "category": ["new", "cat_2"]})
     assert out["s_user_id"].to_list() == [OOV, OOV]
     assert out["s_category"][0] == OOV
+
+
+def test_position_is_crossed_with_device(small_log: Path, fitted: FittedTransform) -> None:
+    p = fitted.spec.position
+    assert p is not None and p.cross == "device"
+    width = p.max_position + 1
+    assert fitted.position_buckets() == width * fitted.table_size("device")
+    raw = pl.scan_parquet(small_log / "**/*.parquet").head(500).collect()
+    out = raw.lazy().select(fitted.expressions()).collect()
+    device_id = out[sparse_col("device")].to_numpy()
+    expected = np.minimum(raw["position"].to_numpy(), p.max_position) + width * device_id
+    np.testing.assert_array_equal(out["position"].to_numpy(), expected)
+    assert out["position"].max() < fitted.position_buckets()
+    assert len(set(device_id)) > 1  # the cross really separates devices here

@@ -28,3 +28,16 @@ def test_duplicate_names_rejected() -> None:
     base = {"name": "x", "tasks": [{"name": "c", "type": "binary", "label": "c", "group": "engagement"}]}
     with pytest.raises(ValueError, match="duplicate feature name 'u'"):
         parse_spec({**base, "sparse": [{"name": "u", "source": "user"}, {"name": "u", "source": "item"}]})
+
+
+def test_position_cross_must_name_a_single_valued_sparse_feature() -> None:
+    base = {
+        "name": "x",
+        "sparse": [{"name": "device", "source": "context"}, {"name": "tags", "source": "item", "multi": True}],
+        "tasks": [{"name": "c", "type": "binary", "label": "c", "group": "engagement"}],
+    }
+    assert parse_spec({**base, "position": {"cross": "device"}}).position.cross == "device"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="position.cross 'os' names no sparse feature"):
+        parse_spec({**base, "position": {"cross": "os"}})
+    with pytest.raises(ValueError, match="position.cross 'tags' is multi-valued"):
+        parse_spec({**base, "position": {"cross": "tags"}})

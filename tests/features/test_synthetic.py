@@ -70,3 +70,18 @@ def test_bad_config_names_field() -> None:
 def test_write_log_partitions(tmp_path) -> None:
     paths = write_log(SynthConfig(days=2, users=20, items=50, requests_per_day=5, slate_size=4), tmp_path)
     assert [p.parent.name for p in paths] == ["date=2026-01-01", "date=2026-01-02"]
+
+
+def test_policy_promotion_moves_promoted_categories_up_without_changing_relevance() -> None:
+    import dataclasses
+
+    plain = generate_day(CFG, day=0)
+    promo = generate_day(dataclasses.replace(CFG, policy_promotion=3.0), day=0)
+    assert plain["true_relevance"].equals(promo["true_relevance"])  # only the display order changes
+
+    def mean_position(df: pl.DataFrame, promoted: bool) -> float:
+        category = pl.col("category").str.extract(r"(\d+)").cast(pl.Int64)
+        return float(df.filter((category % 3 == 0) == promoted)["position"].mean())
+
+    assert mean_position(promo, True) < mean_position(plain, True) - 2
+    assert mean_position(promo, False) > mean_position(plain, False)
