@@ -68,6 +68,7 @@ class RankingModel(nn.Module):
         super().__init__()
         self.config = config
         self.task_names = [t.name for t in config.tasks]
+        self.sparse_names = [s.name for s in config.sparse]  # the embedding order the bottom layer expects
         self.engagement = [t.name for t in config.tasks if t.group == "engagement"]
         self.embeddings = EmbeddingBagCollection(
             tables=[
@@ -105,7 +106,12 @@ class RankingModel(nn.Module):
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings ++ dense features through the shared bottom: (B, D)."""
-        emb = self.embeddings(sparse).values()  # (B, sum of embedding dims)
+        pooled = self.embeddings(sparse)  # KeyedTensor
+        if pooled.keys() == self.sparse_names:
+            emb = pooled.values()  # (B, sum of embedding dims), already in config order
+        else:  # a sharded collection groups its outputs by shard: put them back in config order
+            per_feature = pooled.to_dict()
+            emb = torch.cat([per_feature[n] for n in self.sparse_names], dim=1)
         return self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
 
     def predict(
