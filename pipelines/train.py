@@ -24,6 +24,7 @@ from ranking.config import ModelConfig
 from ranking.data import RankingDataModule, load_features
 from ranking.evaluate import evaluate, split_table
 from ranking.module import RankingModule
+from ranking.sharding import TorchRecStrategy
 
 log = logging.getLogger("pipelines.train")
 MODELS = ("mmoe", "ple", "omoe", "shared_bottom", "single_task")
@@ -45,7 +46,10 @@ class TrainConfig:
     seed: int = 0
     accelerator: str = "auto"
     devices: int | str = 1
-    strategy: str = "auto"  # e.g. "ddp" (gloo on CPU, nccl on GPU)
+    strategy: str = "auto"  # "ddp" (gloo on CPU, nccl on GPU) or "torchrec" (sharded embedding tables)
+    sharding_type: str | None = None  # torchrec: force table_wise, row_wise, ...; None = TorchRec's planner
+    embedding_optimizer: str = "rowwise_adagrad"  # torchrec: fused optimizer of the tables
+    embedding_lr: float = 0.05  # torchrec: its learning rate
     precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
     monitor: str = "val/loss"  # selection and early-stopping metric
     monitor_mode: Literal["min", "max"] = "min"
@@ -137,6 +141,19 @@ class GateHeatmaps(Callback):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="gates")
 
 
+def _strategy(cfg: TrainConfig) -> str | TorchRecStrategy:
+    """Lightning's strategy name, or the TorchRec sharding strategy for ``strategy="torchrec"``."""
+    if cfg.strategy != "torchrec":
+        return cfg.strategy
+    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    return TorchRecStrategy(
+        sharding_type=cfg.sharding_type,
+        embedding_optimizer=cfg.embedding_optimizer,
+        embedding_lr=cfg.embedding_lr,
+        process_group_backend="nccl" if gpu else "gloo",
+    )
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Fit, select the best epoch, export the artifact, log everything to MLflow, register the version."""
     start = time.perf_counter()
@@ -179,7 +196,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
-        strategy=cfg.strategy,
+        strategy=_strategy(cfg),
         precision=_precision(cfg.accelerator, cfg.precision),  # type: ignore[arg-type]
         logger=logger,
         callbacks=callbacks,
@@ -194,6 +211,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer.fit(module, datamodule=data, ckpt_path="last" if resuming else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     best_epoch = None
+    if isinstance(trainer.strategy, TorchRecStrategy):
+        # The tables are still sharded across the processes; checkpoints hold full tensors, so the
+        # selected weights load into a fresh unsharded model that rank 0 can evaluate and export.
+        module.model = build_model(mconf)
+        if not best.best_model_path:
+            raise RuntimeError("a sharded run needs a checkpoint to export from; none was written")
+        if trainer.is_global_zero:
+            (out / "sharding_plan.txt").write_text(trainer.strategy.plan_text)
+            logger.experiment.log_artifact(str(logger.run_id), str(out / "sharding_plan.txt"))
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
