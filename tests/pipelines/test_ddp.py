@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ranking.data import EpochBatchSampler
@@ -68,3 +69,22 @@ def test_two_process_training_with_sharded_embedding_tables(small_features: Path
     assert isinstance(item, torch.Tensor) and item.shape[0] > 1000
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final/val/click/auc"] > 0.65, metrics  # 0.72 here; an untrained model gives 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sharded_training_on_gpu_in_bf16(small_features: Path, tmp_path: Path) -> None:
+    """The GPU path: accelerator auto, bf16-mixed, TorchRec planner's choice of sharding, fused Adam."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    config = tmp_path / "gpu.yaml"
+    config.write_text("strategy: torchrec\nembedding_optimizer: adam\nembedding_lr: 0.002\n")
+    devices = str(min(torch.cuda.device_count(), 2))
+    r = subprocess.run(
+        [RANKER, "train", "--features", str(small_features), "--out", str(tmp_path / "run"), "--config", str(config),
+         "--devices", devices, "--epochs", "2", "--batch-size", "256"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bf16" in r.stderr or "bf16" in r.stdout
+    assert (tmp_path / "run" / "sharding_plan.txt").read_text().strip()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final/val/click/auc"] > 0.65, metrics
