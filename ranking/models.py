@@ -18,6 +18,7 @@ Shape letters: B batch, T tasks, E experts (per gate), D front width, De expert 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -47,6 +48,11 @@ class ModelOutput:
     logits: dict[str, torch.Tensor]
     gates: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+#: The single-lookup fast path stacks every table on each step: worth it for small tables only
+#: (census-size vocabularies); above this many weights in all, the per-table lookup is cheaper.
+SINGLE_LOOKUP_MAX_ELEMENTS = 1 << 22
 
 
 class RankingModel(nn.Module):
@@ -83,6 +89,19 @@ class RankingModel(nn.Module):
             ],
             device=torch.device("cpu"),
         )
+        # First row of each table in the tables stacked row-wise (``lookup_single``); None when the
+        # fast path cannot apply. Not persistent: the state_dict keeps its per-table layout.
+        single = bool(config.sparse) and not any(s.multi for s in config.sparse)
+        same_width = len({s.embedding_dim for s in config.sparse}) == 1
+        starts = [0, *itertools.accumulate(s.num_embeddings for s in config.sparse)][:-1]
+        small = sum(s.num_embeddings * s.embedding_dim for s in config.sparse) <= SINGLE_LOOKUP_MAX_ELEMENTS
+        fast = single and same_width and small
+        self.single_rows: torch.Tensor | None
+        self.single_sizes: torch.Tensor | None  # rows per table: an id outside its table takes the general path
+        self.register_buffer("single_rows", torch.tensor(starts) if fast else None, persistent=False)
+        self.register_buffer(
+            "single_sizes", torch.tensor([s.num_embeddings for s in config.sparse]) if fast else None, persistent=False
+        )
         in_dim = sum(s.embedding_dim for s in config.sparse) + len(config.dense)
         self.bottom = MLP(in_dim, config.bottom_dims if self.shared_bottom else (), config.dropout)
         self.build_mixing(config)
@@ -106,13 +125,53 @@ class RankingModel(nn.Module):
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings ++ dense features through the shared bottom: (B, D)."""
+        if not self.sparse_names:  # dense-only model: TorchRec cannot pool a collection without tables
+            emb = dense.new_zeros(dense.shape[0], 0)
+        else:
+            emb = self.lookup_single(sparse)
+            if emb is None:
+                emb = self.lookup_pooled(sparse)
+        return self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
+
+    def lookup_single(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
+        """Fast path: every feature has exactly one id per row -> one gather, (B, F * De); else None.
+
+        With one id per bag, sum and mean pooling both return that id's row, so the F per-table
+        lookups of ``EmbeddingBagCollection`` (and their F backward passes) collapse into one
+        gather over the tables stacked row-wise: same values, same gradients, same
+        parameters. Taken only for a plain (unsharded) collection whose tables share one width,
+        an unweighted batch with keys in config order, all lengths 1 and every id inside its
+        table; None otherwise.
+        """
+        if (
+            self.single_rows is None
+            or self.single_sizes is None
+            or type(self.embeddings) is not EmbeddingBagCollection
+            or sparse.keys() != self.sparse_names
+            or sparse.weights_or_none() is not None
+        ):
+            return None
+        lengths, b = sparse.lengths(), sparse.stride()
+        if lengths.numel() != len(self.sparse_names) * b or not bool((lengths == 1).all()):
+            return None
+        ids = sparse.values().view(-1, b)  # (F, B), key-major
+        if not bool(((ids >= 0) & (ids < self.single_sizes.unsqueeze(1))).all()):
+            return None  # would read a neighbouring table; the collection raises its own error instead
+        bags = self.embeddings.embedding_bags
+        table = torch.cat([bags[f"t_{n}"].weight for n in self.sparse_names])  # (sum of rows, De)
+        rows = ids + self.single_rows.unsqueeze(1)  # (F, B) rows of the stacked table
+        # index_select, not F.embedding: its backward is one index_add, no sort of the B * F ids.
+        return table.index_select(0, rows.t().flatten()).view(b, -1)  # (B * F, De) -> (B, F * De), config order
+
+    def lookup_pooled(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """The general path: pooled embeddings of any KeyedJaggedTensor, (B, sum of De)."""
         pooled = self.embeddings(sparse)  # KeyedTensor
         if pooled.keys() == self.sparse_names:
             emb = pooled.values()  # (B, sum of embedding dims), already in config order
         else:  # a sharded collection groups its outputs by shard: put them back in config order
             per_feature = pooled.to_dict()
             emb = torch.cat([per_feature[n] for n in self.sparse_names], dim=1)
-        return self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
+        return emb
 
     def predict(
         self,

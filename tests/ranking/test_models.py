@@ -427,3 +427,18 @@ def test_mmoe_keeps_its_state_dict_layout() -> None:
     keys = set(build_model(tiny("mmoe")).state_dict())
     assert {"experts.0.0.weight", "gates.click.proj.weight", "towers.like.out.bias", "bottom.0.weight",
             "position_tower.bias.weight", "embeddings.embedding_bags.t_user.weight"} <= keys
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_dense_only_model_runs_and_learns_from_its_dense_inputs(kind: str) -> None:
+    """No sparse features at all (the MMoE paper's synthetic study): the dense inputs feed the bottom alone."""
+    cfg = dataclasses.replace(tiny(kind), sparse=())
+    model = build_model(cfg)
+    empty = KeyedJaggedTensor(keys=[], values=torch.zeros(0, dtype=torch.long),
+                              lengths=torch.zeros(0, dtype=torch.int32), stride=5)
+    dense = torch.randn(5, len(cfg.dense))
+    out = model(empty, dense)
+    assert all(v.shape == (5,) for v in out.logits.values())
+    out.logits[cfg.tasks[0].name].sum().backward()
+    first = next(p for n, p in model.named_parameters() if not n.startswith("embeddings"))
+    assert first.grad is not None and first.grad.abs().sum() > 0
