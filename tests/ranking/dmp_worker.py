@@ -3,7 +3,8 @@
 Each rank builds the same seeded model, shards its embedding tables with TorchRec's
 DistributedModelParallel the way ``TorchRecStrategy`` does, and checks against the unsharded
 copy: same forward output (weights were copied into the shards), full state gathered back equal,
-and after one training step the gathered tables moved. Prints one JSON line per rank.
+and after one training step the gathered tables moved. Writes one JSON file per rank
+(``rank<N>.json`` in the folder given) so the reports never interleave.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, port: int, sharding_type: str) -> None:
+def _worker(rank: int, world: int, port: int, sharding_type: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torchrec import KeyedJaggedTensor
@@ -76,10 +77,12 @@ def _worker(rank: int, world: int, port: int, sharding_type: str) -> None:
     moved = rank != 0 or not torch.equal(after["embeddings.embedding_bags.t_user.weight"],
                                          before["embeddings.embedding_bags.t_user.weight"])
     local = sum(len(model.state_dict()[k].local_shards()) for k in sharded)
-    print(json.dumps({"rank": rank, "same_forward": same, "sharded": sorted(sharded), "local_shards": local,
-                      "gathered_equal": equal_back, "tables_moved": moved}), flush=True)
+    report = {"rank": rank, "same_forward": same, "sharded": sorted(sharded), "local_shards": local,
+              "gathered_equal": equal_back, "tables_moved": moved}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(_worker, args=(2, int(sys.argv[1]), sys.argv[2]), nprocs=2)
+    mp.spawn(_worker, args=(2, int(sys.argv[1]), sys.argv[2], sys.argv[3]), nprocs=2)
