@@ -42,6 +42,9 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 2e-3
     weight_decay: float = 0.0  # on dense layers only
+    embedding_lr: float | None = None  # lr of the embedding tables; None = lr (Adam), 0.05 (torchrec fused)
+    embedding_weight_decay: float = 0.0  # decoupled (AdamW-style) decay of every embedding row, every step
+    embedding_l2: float = 0.0  # L2 on the embedding rows each batch looks up (each distinct row once)
     loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
     seed: int = 0
     accelerator: str = "auto"
@@ -49,7 +52,6 @@ class TrainConfig:
     strategy: str = "auto"  # "ddp" (gloo on CPU, nccl on GPU) or "torchrec" (sharded embedding tables)
     sharding_type: str | None = None  # torchrec: force table_wise, row_wise, ...; None = TorchRec's planner
     embedding_optimizer: str = "rowwise_adagrad"  # torchrec: fused optimizer of the tables
-    embedding_lr: float = 0.05  # torchrec: its learning rate
     precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
     monitor: str = "val/loss"  # selection and early-stopping metric
     monitor_mode: Literal["min", "max"] = "min"
@@ -141,6 +143,9 @@ class GateHeatmaps(Callback):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="gates")
 
 
+SHARDED_EMBEDDING_LR = 0.05  # the fused row-wise Adagrad default when embedding_lr is unset
+
+
 def _strategy(cfg: TrainConfig) -> str | TorchRecStrategy:
     """Lightning's strategy name, or the TorchRec sharding strategy for ``strategy="torchrec"``."""
     if cfg.strategy != "torchrec":
@@ -149,7 +154,7 @@ def _strategy(cfg: TrainConfig) -> str | TorchRecStrategy:
     return TorchRecStrategy(
         sharding_type=cfg.sharding_type,
         embedding_optimizer=cfg.embedding_optimizer,
-        embedding_lr=cfg.embedding_lr,
+        embedding_lr=cfg.embedding_lr if cfg.embedding_lr is not None else SHARDED_EMBEDDING_LR,
         process_group_backend="nccl" if gpu else "gloo",
     )
 
@@ -163,7 +168,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     mconf = ModelConfig.from_fitted(fitted, model=cfg.model, **cfg.model_overrides)
     data = RankingDataModule(cfg.features, mconf, cfg.batch_size, cfg.seed)
     module = RankingModule(build_model(mconf), mconf, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           loss_weighting=cfg.loss_weighting, seed=cfg.seed)
+                           loss_weighting=cfg.loss_weighting, seed=cfg.seed, embedding_lr=cfg.embedding_lr,
+                           embedding_weight_decay=cfg.embedding_weight_decay, embedding_l2=cfg.embedding_l2)
 
     ensure_experiment(uri, cfg.experiment)
     out = Path(cfg.out)

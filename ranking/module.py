@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.regression import MeanSquaredError
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from ranking.batch import Batch
 from ranking.config import ModelConfig
@@ -29,6 +30,44 @@ def _task_metrics(config: ModelConfig) -> MetricCollection:
     return MetricCollection(metrics)
 
 
+def touched_rows_l2(model: nn.Module, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    """Sum of squared embedding rows looked up in this batch, each distinct row counted once.
+
+    The sparse counterpart of L2 weight decay: only rows a batch touches are penalised, when they
+    are touched, so rows never seen (the OOV row 0) keep their initial value and the rule ports to
+    TorchRec's fused row-wise optimisers. Since every distinct row pays the same price however
+    often it occurs, while its data gradient grows with its frequency, rare ids (most users and
+    videos) are pulled to zero hardest: the ones that overfit first.
+
+    Args:
+        model: any module holding ``EmbeddingBagCollection``s (every one is searched).
+        sparse: the batch's ids; keys are feature names of those collections.
+
+    Returns:
+        A scalar: ``sum_tables sum_{r in unique ids} ||W[r]||^2``.
+
+    Example:
+        >>> from torchrec import EmbeddingBagConfig
+        >>> ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=2,
+        ...     num_embeddings=4, feature_names=["f"])], device=torch.device("cpu"))
+        >>> with torch.no_grad():
+        ...     _ = ebc.embedding_bags["t"].weight.copy_(torch.arange(8.0).view(4, 2))
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([1, 1, 3]), torch.tensor([1, 1, 1]))
+        >>> float(touched_rows_l2(ebc, kjt).detach())  # rows 1 and 3: (4 + 9) + (36 + 49)
+        98.0
+    """
+    total = torch.zeros(())
+    present = set(sparse.keys())
+    for ebc in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
+        for table in ebc.embedding_bag_configs():
+            weight = ebc.embedding_bags[table.name].weight  # (rows, D)
+            for feature in table.feature_names:
+                if feature in present:
+                    rows = torch.unique(sparse[feature].values())  # (R,) distinct ids of this batch
+                    total = total.to(weight.device) + weight[rows].pow(2).sum()
+    return total
+
+
 class RankingModule(L.LightningModule):
     """Trains any network that maps ``(sparse, dense, position)`` to a ``ModelOutput``.
 
@@ -36,6 +75,11 @@ class RankingModule(L.LightningModule):
         model: the network (see ``ranking.artifact.build_model``).
         config: its config (tasks, loss weights, auxiliary-loss weight).
         lr, weight_decay: Adam settings (weight decay on the dense layers only, never on embeddings).
+        embedding_lr: Adam learning rate of the embedding tables; None = ``lr``.
+        embedding_weight_decay: decoupled (AdamW-style) weight decay of the embedding tables: every
+            row shrinks by ``lr * wd`` per step, touched or not. 0 = off.
+        embedding_l2: weight of :func:`touched_rows_l2` added to the training loss (L2 on the rows
+            the batch looks up, each distinct row once). 0 = off.
         loss_weighting: ``"fixed"`` uses the spec's loss weights; ``"uncertainty"`` learns one
             log-variance per task (Kendall et al. 2018): ``sum_t exp(-s_t) * L_t + s_t``.
 
@@ -45,19 +89,29 @@ class RankingModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, config: ModelConfig, lr: float = 2e-3, weight_decay: float = 0.0,
-                 loss_weighting: LossWeighting = "fixed", seed: int = 0):
+                 loss_weighting: LossWeighting = "fixed", seed: int = 0, embedding_lr: float | None = None,
+                 embedding_weight_decay: float = 0.0, embedding_l2: float = 0.0):
         super().__init__()
         if loss_weighting not in ("fixed", "uncertainty"):
             raise ValueError(f"loss_weighting must be 'fixed' or 'uncertainty', got {loss_weighting!r}")
+        if embedding_lr is not None and not embedding_lr > 0:
+            raise ValueError(f"embedding_lr must be > 0 or None, got {embedding_lr}")
+        for name, value in (("embedding_weight_decay", embedding_weight_decay), ("embedding_l2", embedding_l2)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.model = model
         self.config = config
         self.lr = lr
         self.weight_decay = weight_decay
+        self.embedding_lr = embedding_lr
+        self.embedding_weight_decay = embedding_weight_decay
+        self.embedding_l2 = embedding_l2
         self.loss_weighting = loss_weighting
         self.seed = seed
         self.log_vars = nn.Parameter(torch.zeros(len(config.tasks))) if loss_weighting == "uncertainty" else None
         self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "loss_weighting": loss_weighting,
-                                   "model_config": config.to_dict()})
+                                   "embedding_lr": embedding_lr, "embedding_weight_decay": embedding_weight_decay,
+                                   "embedding_l2": embedding_l2, "model_config": config.to_dict()})
         self.train_metrics = _task_metrics(config).clone(prefix="train/")
         self.val_metrics = _task_metrics(config).clone(prefix="val/")
         self.gate_stats: GateStats | None = None
@@ -88,6 +142,10 @@ class RankingModule(L.LightningModule):
         if "load_balance" in aux and balance_weight > 0:
             total = total + balance_weight * aux["load_balance"]
             self.log(f"{split}/load_balance", aux["load_balance"], on_step=False, on_epoch=True, batch_size=len(batch))
+        if split == "train" and self.embedding_l2 > 0:
+            penalty = touched_rows_l2(self.model, batch.sparse)
+            total = total + self.embedding_l2 * penalty
+            self.log("train/embedding_l2", penalty, on_step=False, on_epoch=True, batch_size=len(batch))
         if split == "val" and getattr(out, "gates", None) is not None:
             if self.gate_stats is None:
                 self.gate_stats = GateStats([t.name for t in self.config.tasks], out.gates.shape[-1])
@@ -121,7 +179,8 @@ class RankingModule(L.LightningModule):
             self.log("val/auc_mean", torch.stack(aucs).mean())
         self.val_metrics.reset()
         if self.gate_stats is not None:
-            self.last_gate_health = self.gate_stats.compute()
+            with torch.no_grad():
+                self.last_gate_health = self.gate_stats.compute(self.model)  # with the experts' spread
             self.log_dict(self.last_gate_health.metrics("val"))
             self.gate_stats.reset()
 
@@ -131,5 +190,9 @@ class RankingModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         emb = [p for n, p in self.named_parameters() if ".embeddings." in f".{n}"]
         rest = [p for n, p in self.named_parameters() if ".embeddings." not in f".{n}"]
-        groups = [{"params": rest, "weight_decay": self.weight_decay}, {"params": emb, "weight_decay": 0.0}]
+        groups = [
+            {"params": rest, "weight_decay": self.weight_decay},
+            {"params": emb, "lr": self.embedding_lr or self.lr, "weight_decay": self.embedding_weight_decay,
+             "decoupled_weight_decay": True},  # coupled L2 under Adam would move every untouched row
+        ]
         return torch.optim.Adam([g for g in groups if g["params"]], lr=self.lr)

@@ -74,6 +74,8 @@ def test_gate_health_metrics_and_heatmaps_are_logged(run) -> None:
     client = MlflowClient(uri)
     assert len(client.get_metric_history(result.run_id, "val/gate/click/entropy")) == 2
     assert len(client.get_metric_history(result.run_id, "val/gate/dead_fraction")) == 2
+    spread = client.get_metric_history(result.run_id, "val/gate/expert_spread")
+    assert len(spread) == 2 and all(m.value > 0.1 for m in spread)  # independently initialised experts
     names = {f.path for f in client.list_artifacts(result.run_id, "gates")}
     assert names == {"gates/gates_epoch_000.png", "gates/gates_epoch_001.png"}
 
