@@ -118,20 +118,24 @@ class FeatureTable:
 
     def batch(self, idx: torch.Tensor) -> Batch:
         """Gather rows ``idx`` (B,) into a Batch."""
-        values, lengths = [], []
         b = idx.shape[0]
         single = self.single[idx]  # (B, F_single)
-        col = {n: j for j, n in enumerate(self.single_names)}
-        for k in self.keys:
-            if k in col:
-                values.append(single[:, col[k]])
-                lengths.append(torch.ones(b, dtype=torch.int64))
-            else:
-                padded = self.multi[k][idx]  # (B, L), -1 = padding
-                keep = padded >= 0
-                values.append(padded[keep])
-                lengths.append(keep.sum(dim=1))
-        sparse = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
+        if not self.multi:  # every feature single-valued, keys in column order: no per-key loop
+            sparse = KeyedJaggedTensor(keys=self.keys, values=single.t().reshape(-1),  # key-major
+                                       lengths=torch.ones(b * len(self.keys), dtype=torch.int64))
+        else:
+            values, lengths = [], []
+            col = {n: j for j, n in enumerate(self.single_names)}
+            for k in self.keys:
+                if k in col:
+                    values.append(single[:, col[k]])
+                    lengths.append(torch.ones(b, dtype=torch.int64))
+                else:
+                    padded = self.multi[k][idx]  # (B, L), -1 = padding
+                    keep = padded >= 0
+                    values.append(padded[keep])
+                    lengths.append(keep.sum(dim=1))
+            sparse = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
         labels, masks = {}, {}
         for t, y in self.labels.items():
             yb = y[idx]

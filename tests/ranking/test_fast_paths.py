@@ -113,3 +113,25 @@ def test_mmoe_gates_with_noise_top_k_or_training_dropout_take_the_gate_path() ->
 def test_mix_per_task_equals_mix_experts() -> None:
     w, x = torch.softmax(torch.randn(B, 3, 4), dim=-1), torch.randn(B, 4, 5)
     torch.testing.assert_close(mix_per_task(w, x), mix_experts(w, x))
+
+
+def test_single_valued_batches_equal_the_per_key_path() -> None:
+    """FeatureTable.batch without multi-valued features builds the same KeyedJaggedTensor as the per-key loop."""
+    import polars as pl
+
+    from ranking.batch import FeatureTable
+
+    cfg = ModelConfig(sparse=(SparseSlot("u", 9, 2), SparseSlot("i", 9, 2), SparseSlot("c", 9, 2)), dense=(),
+                      tasks=(TaskHead("click", "binary", "engagement"),))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (50, 3), generator=g)
+    frame = pl.DataFrame({"s_u": ids[:, 0].numpy(), "s_i": ids[:, 1].numpy(), "s_c": ids[:, 2].numpy(),
+                          "y_click": torch.rand(50, generator=g).round().numpy()})
+    table = FeatureTable(frame, cfg)
+    assert not table.multi
+    idx = torch.tensor([7, 3, 3, 41, 0])
+    fast = table.batch(idx).sparse
+    for j, key in enumerate(("u", "i", "c")):
+        assert fast[key].values().tolist() == ids[idx, j].tolist()
+        assert fast[key].lengths().tolist() == [1] * len(idx)
+    assert fast.keys() == ["u", "i", "c"]
