@@ -169,14 +169,15 @@ def bare_throughput(features: Path, epochs: int, fused: bool, seed: int = 2022) 
     """The same LightningModule's ``training_step`` in a plain loop: batches, step, backward, Adam.
 
     ``fused``: the module's Adam param groups in ``torch.optim.Adam(fused=True)`` (one kernel for
-    all parameters) instead of the module's own per-parameter Adam.
+    all parameters, what the module itself uses since 2026-11-30) or, when False, in the
+    per-parameter for-loop Adam it used before.
     """
     module, data = _module(features, seed)
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer to log to
     opt = module.configure_optimizers()
-    if fused:  # the same groups (lr, weight decay) minus the per-group implementation choice
-        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
-        opt = torch.optim.Adam(groups, fused=True)
+    # the same groups (lr, weight decay) minus the per-group implementation choice
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
+    opt = torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, fused=False, foreach=False)
     loader = data.train_dataloader()
     wall, cpu = [], []
     for epoch in range(epochs):
@@ -191,7 +192,7 @@ def bare_throughput(features: Path, epochs: int, fused: bool, seed: int = 2022) 
         module.train_metrics.reset()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    how = "bare loop over training_step, " + ("fused Adam" if fused else "the module's Adam")
+    how = "bare loop over training_step, " + ("fused Adam" if fused else "for-loop Adam")
     return _rate(wall, cpu, len(data.tables["train"]), how)
 
 

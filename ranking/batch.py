@@ -78,8 +78,8 @@ class FeatureTable:
         self.n = frame.height
         self.single_names = [s.name for s in config.sparse if not s.multi]
         self.single = torch.from_numpy(
-            _int_matrix(frame, [sparse_col(n) for n in self.single_names])
-        )  # (N, F_single)
+            np.ascontiguousarray(_int_matrix(frame, [sparse_col(n) for n in self.single_names]).T)
+        )  # (F_single, N), key-major: a batch's ids are then already in KeyedJaggedTensor order
         self.multi = {
             s.name: torch.from_numpy(_padded(frame[sparse_col(s.name)], s.max_len))  # (N, L)
             for s in config.sparse
@@ -89,8 +89,8 @@ class FeatureTable:
             frame.select([pl.col(dense_col(d)).cast(pl.Float32) for d in config.dense])
             .to_numpy()
             .reshape(self.n, len(config.dense))
-            .astype(np.float32, copy=True)
-        )  # (N, Dd)
+            .astype(np.float32, order="C", copy=True)
+        )  # (N, Dd), row-major
         self.position = (
             torch.from_numpy(frame["position"].cast(pl.Int64).to_numpy().copy())
             if "position" in frame.columns
@@ -119,36 +119,37 @@ class FeatureTable:
     def batch(self, idx: torch.Tensor) -> Batch:
         """Gather rows ``idx`` (B,) into a Batch."""
         b = idx.shape[0]
-        single = self.single[idx]  # (B, F_single)
-        if not self.multi:  # every feature single-valued, keys in column order: no per-key loop
-            sparse = KeyedJaggedTensor(keys=self.keys, values=single.t().reshape(-1),  # key-major
+        # index_select, not tensor[idx]: the advanced-indexing kernel is several times slower on CPU
+        single = self.single.index_select(1, idx)  # (F_single, B)
+        if not self.multi:  # every feature single-valued, keys in row order: no per-key loop
+            sparse = KeyedJaggedTensor(keys=self.keys, values=single.reshape(-1),  # key-major
                                        lengths=torch.ones(b * len(self.keys), dtype=torch.int64))
         else:
             values, lengths = [], []
             col = {n: j for j, n in enumerate(self.single_names)}
             for k in self.keys:
                 if k in col:
-                    values.append(single[:, col[k]])
+                    values.append(single[col[k]])
                     lengths.append(torch.ones(b, dtype=torch.int64))
                 else:
-                    padded = self.multi[k][idx]  # (B, L), -1 = padding
+                    padded = self.multi[k].index_select(0, idx)  # (B, L), -1 = padding
                     keep = padded >= 0
                     values.append(padded[keep])
                     lengths.append(keep.sum(dim=1))
             sparse = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
         labels, masks = {}, {}
         for t, y in self.labels.items():
-            yb = y[idx]
+            yb = y.index_select(0, idx)
             present = ~torch.isnan(yb)
             labels[t] = torch.where(present, yb, torch.zeros_like(yb))
             masks[t] = present
         return Batch(
             sparse=sparse,
-            dense=self.dense[idx],
-            position=None if self.position is None else self.position[idx],
+            dense=self.dense.index_select(0, idx),
+            position=None if self.position is None else self.position.index_select(0, idx),
             labels=labels,
             masks=masks,
-            extra={k: v[idx] for k, v in self.extra.items()},
+            extra={k: v.index_select(0, idx) for k, v in self.extra.items()},
         )
 
     def all(self) -> Batch:
@@ -158,7 +159,7 @@ class FeatureTable:
 def _int_matrix(frame: pl.DataFrame, cols: list[str]) -> np.ndarray:
     if not cols:
         return np.zeros((frame.height, 0), dtype=np.int64)
-    return frame.select([pl.col(c).cast(pl.Int64) for c in cols]).to_numpy().astype(np.int64, copy=True)
+    return frame.select([pl.col(c).cast(pl.Int64) for c in cols]).to_numpy().astype(np.int64, copy=True)  # (N, F)
 
 
 def _padded(series: pl.Series, max_len: int) -> np.ndarray:
