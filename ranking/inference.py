@@ -10,6 +10,7 @@ a weighted sum ``sum_t w_t * sign_t * score_t`` with ``sign_t = -1`` for tasks w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,39 @@ class InferenceModel:
     ) -> dict[str, np.ndarray]:
         """Raw features of one request (user/context once, candidates column-wise) -> scores."""
         return self.score_frame(self.fitted.transform_request(user, context, candidates))
+
+    def score_requests(
+        self, requests: Sequence[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Several requests in one forward pass: what the serving dynamic batcher runs.
+
+        Each request is transformed on its own (its user and context broadcast to its own
+        candidates, as in :meth:`score_request`); the frames are stacked, scored once and the
+        scores split back. Scoring is row-wise, so request ``i`` gets the scores
+        ``score_request(*requests[i])`` gives, up to float rounding of the larger matmuls.
+
+        Args:
+            requests: ``(user, context, candidates)`` per request, as :meth:`score_request` takes them.
+
+        Returns:
+            one dict task -> (C_i,) scores per request, in the order given.
+
+        Raises:
+            ValueError: any request the transform rejects fails the whole call; score the requests
+                one by one to find it.
+
+        Example:
+            >>> per_request = model.score_requests([(user, ctx, cands_a), (user, ctx, cands_b)])  # doctest: +SKIP
+            >>> per_request[1]["click"].shape  # doctest: +SKIP
+            (7,)
+        """
+        if not requests:
+            return []
+        frames = [self.fitted.transform_request(u, c, cands) for u, c, cands in requests]
+        scores = self.score_frame(pl.concat(frames, how="vertical"))  # task -> (sum C_i,)
+        bounds = np.cumsum([f.height for f in frames])[:-1]  # (R - 1,) where request i + 1 starts
+        split = {t: np.split(s, bounds) for t, s in scores.items()}  # task -> R arrays (C_i,)
+        return [{t: parts[i] for t, parts in split.items()} for i in range(len(frames))]
 
     def combine(self, scores: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
         """Weighted sum of objective scores; ``weights`` override the defaults per task.

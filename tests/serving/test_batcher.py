@@ -1,0 +1,419 @@
+"""DynamicBatcher: coalescing, size limits, FIFO, admission, deadlines, cancellation, errors, close.
+
+Async tests run with ``asyncio.run`` inside plain test functions. A batch function that blocks on
+a ``threading.Event`` holds the single worker busy so that the queue can be shaped exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ranking.inference import InferenceModel
+from serving.batcher import BatcherClosed, BatcherConfig, BatchObserver, DeadlineExceeded, DynamicBatcher, QueueFull
+
+Request = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # (user, context, candidates)
+WAIT_S = 2.0  # safety timeout for events that should fire at once
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+
+class Recorder:
+    """A batch function that records what it was given: items are (name, n_candidates) pairs."""
+
+    def __init__(self, block: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.started = threading.Event()  # set when a batch begins
+        self.release = threading.Event()  # a blocking recorder waits for this before returning
+        if not block:
+            self.release.set()
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, items: list[tuple[str, int]]) -> list[str]:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        self.calls.append([name for name, _ in items])
+        self.started.set()
+        self.release.wait(WAIT_S)
+        with self._lock:
+            self.active -= 1
+        return [f"result:{name}" for name, _ in items]
+
+    @property
+    def seen(self) -> list[str]:
+        return [name for call in self.calls for name in call]
+
+
+def submit(batcher: DynamicBatcher[Any, Any], name: str, n: int, deadline: float | None = None) -> asyncio.Task[Any]:
+    return asyncio.create_task(batcher.submit((name, n), n_candidates=n, deadline=deadline))
+
+
+async def outcomes(*aws: Coroutine[Any, Any, Any]) -> list[tuple[str, Any]]:
+    """Each coroutine's outcome as ("returned", value) or ("raised", exception), told apart."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    await asyncio.wait(tasks)
+    return [("raised", t.exception()) if t.exception() else ("returned", t.result()) for t in tasks]
+
+
+async def busy(batcher: DynamicBatcher[Any, Any], rec: Recorder) -> asyncio.Task[Any]:
+    """Submit one request and return once the (blocking) worker is running it."""
+    task = submit(batcher, "busy", 1)
+    assert await asyncio.to_thread(rec.started.wait, WAIT_S)
+    return task
+
+
+# ---------------------------------------------------------------------------- coalescing
+def test_concurrent_requests_are_coalesced_and_each_gets_its_own_result() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=20_000))
+
+    async def main() -> list[str]:
+        tasks = []
+        for i in range(8):  # arrivals spread over ~14 ms, inside one 20 ms window
+            tasks.append(submit(batcher, f"r{i}", 10))
+            await asyncio.sleep(0.002)
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return results
+
+    assert run(main()) == [f"result:r{i}" for i in range(8)]
+    assert len(rec.calls) < 8
+    assert rec.seen == [f"r{i}" for i in range(8)]  # FIFO
+    assert batcher.stats.batches == len(rec.calls) and batcher.stats.candidates == 80
+    assert rec.most_active == 1  # forwards never overlap
+
+
+def test_batches_respect_max_candidates_keep_fifo_and_never_split_a_request() -> None:
+    rec = Recorder()
+    sizes = {"a": 30, "b": 50, "c": 40, "d": 20, "e": 60, "f": 10}
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=1000))
+
+    async def main() -> None:
+        await asyncio.gather(*(batcher.submit((k, n), n_candidates=n) for k, n in sizes.items()))
+        await batcher.close()
+
+    run(main())
+    # a+b = 80 and c would make 120; c+d = 60 and e would make 120; e+f = 70
+    assert rec.calls == [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert list(batcher.stats.batch_candidates) == [80, 60, 70]
+    assert list(batcher.stats.batch_requests) == [2, 2, 2]
+
+
+def test_oversized_request_runs_alone() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=1000))
+
+    async def main() -> list[str]:
+        results = await asyncio.gather(
+            *(batcher.submit((k, n), n_candidates=n) for k, n in [("a", 10), ("big", 150), ("c", 10)])
+        )
+        await batcher.close()
+        return results
+
+    assert run(main()) == ["result:a", "result:big", "result:c"]
+    assert rec.calls == [["a"], ["big"], ["c"]]
+    assert list(batcher.stats.batch_candidates) == [10, 150, 10]
+
+
+def test_full_batch_is_cut_without_waiting_for_the_delay() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=20, max_queue_delay_us=5_000_000))
+
+    async def main() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(submit(batcher, "a", 10), submit(batcher, "b", 10))
+        elapsed = time.perf_counter() - start
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 0.5
+    assert rec.calls == [["a", "b"]]
+
+
+def test_lone_request_waits_for_the_queue_delay() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=50_000))
+
+    async def main() -> float:
+        start = time.perf_counter()
+        await submit(batcher, "a", 10)
+        elapsed = time.perf_counter() - start
+        await batcher.close()
+        return elapsed
+
+    assert 0.045 <= run(main()) < 0.5
+
+
+# ----------------------------------------------------------------------------- admission
+def test_queue_full_is_rejected_at_once() -> None:
+    rec = Recorder(block=True)
+    batcher = DynamicBatcher(rec, BatcherConfig(max_queue=2, max_queue_delay_us=0))
+
+    async def main() -> float:
+        first = await busy(batcher, rec)
+        waiting = [submit(batcher, "b", 1), submit(batcher, "c", 1)]
+        await asyncio.sleep(0)  # let them enqueue
+        assert batcher.queue_depth == 2 and batcher.queued_candidates == 2
+        start = time.perf_counter()
+        with pytest.raises(QueueFull, match="max_queue=2"):
+            await batcher.submit(("d", 1), n_candidates=1)
+        elapsed = time.perf_counter() - start
+        rec.release.set()
+        assert await asyncio.gather(first, *waiting) == ["result:busy", "result:b", "result:c"]
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 0.005
+    assert "d" not in rec.seen and batcher.stats.rejected == 1
+
+
+def test_expired_requests_are_dropped_before_compute() -> None:
+    rec = Recorder(block=True)
+    batcher = DynamicBatcher(rec, BatcherConfig(max_queue_delay_us=0))
+
+    async def main() -> None:
+        first = await busy(batcher, rec)
+        late = submit(batcher, "late", 5, deadline=time.monotonic() + 0.03)
+        ok = submit(batcher, "ok", 5, deadline=time.monotonic() + 5.0)
+        forever = submit(batcher, "forever", 5)
+        await asyncio.sleep(0.06)  # "late" expires while the worker is busy
+        rec.release.set()
+        assert await asyncio.gather(first, ok, forever) == ["result:busy", "result:ok", "result:forever"]
+        with pytest.raises(DeadlineExceeded):
+            await late
+        with pytest.raises(DeadlineExceeded):  # already past when submitted
+            await batcher.submit(("past", 1), n_candidates=1, deadline=time.monotonic() - 0.001)
+        await batcher.close()
+
+    run(main())
+    assert rec.seen == ["busy", "ok", "forever"]
+    assert batcher.stats.expired == 2 and batcher.stats.candidates == 11
+
+
+def test_cancelled_caller_leaves_the_queue() -> None:
+    rec = Recorder(block=True)
+    batcher = DynamicBatcher(rec, BatcherConfig(max_queue_delay_us=0))
+
+    async def main() -> None:
+        first = await busy(batcher, rec)
+        gone, stays = submit(batcher, "gone", 7), submit(batcher, "stays", 3)
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 2
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.queue_depth == 1 and batcher.queued_candidates == 3
+        rec.release.set()
+        assert await asyncio.gather(first, stays) == ["result:busy", "result:stays"]
+        await batcher.close()
+
+    run(main())
+    assert rec.seen == ["busy", "stays"]
+
+
+# -------------------------------------------------------------------------------- errors
+def test_error_in_a_slot_reaches_only_its_caller() -> None:
+    def run_batch(items: list[str]) -> list[str | BaseException]:
+        return [ValueError(f"bad item {x}") if x == "bad" else x.upper() for x in items]
+
+    batcher = DynamicBatcher(run_batch, BatcherConfig(max_queue_delay_us=5000))
+
+    async def main() -> list[tuple[str, Any]]:
+        results = await outcomes(*(batcher.submit(x, n_candidates=1) for x in ["a", "bad", "c"]))
+        await batcher.close()
+        return results
+
+    a, (how, bad), c = run(main())
+    assert (a, c) == (("returned", "A"), ("returned", "C"))
+    assert how == "raised" and isinstance(bad, ValueError) and "bad item bad" in str(bad)
+    assert list(batcher.stats.batch_requests) == [3]
+
+
+def test_raising_batch_is_rerun_one_by_one() -> None:
+    calls: list[list[str]] = []
+
+    def run_batch(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("feature 'device' expects str values, got 3")
+        return [x.upper() for x in items]
+
+    batcher = DynamicBatcher(run_batch, BatcherConfig(max_queue_delay_us=5000))
+
+    async def main() -> list[tuple[str, Any]]:
+        results = await outcomes(*(batcher.submit(x, n_candidates=1) for x in ["a", "bad", "c"]))
+        await batcher.close()
+        return results
+
+    a, (how, bad), c = run(main())
+    assert (a, c) == (("returned", "A"), ("returned", "C"))
+    assert how == "raised" and isinstance(bad, ValueError) and "device" in str(bad)
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+
+
+def test_wrong_number_of_results_fails_each_caller() -> None:
+    batcher: DynamicBatcher[str, str] = DynamicBatcher(lambda items: ["x"] * 3, BatcherConfig(max_queue_delay_us=5000))
+
+    async def main() -> list[tuple[str, Any]]:
+        out = await outcomes(batcher.submit("a", 1), batcher.submit("b", 1))
+        await batcher.close()
+        return out
+
+    # the batch of two fails the length check, then each item alone does too
+    results = run(main())
+    assert len(results) == 2
+    assert all(how == "raised" and "3 results for 1 items" in str(e) for how, e in results)
+
+
+# ------------------------------------------------------------------ modes, hooks, close
+def test_disabled_runs_each_request_alone() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(enabled=False, max_queue_delay_us=20_000))
+
+    async def main() -> list[str]:
+        results = await asyncio.gather(*(batcher.submit((f"r{i}", 10), n_candidates=10) for i in range(8)))
+        await batcher.close()
+        return results
+
+    assert run(main()) == [f"result:r{i}" for i in range(8)]
+    assert sorted(rec.calls) == [[f"r{i}"] for i in range(8)]
+    assert list(batcher.stats.batch_requests) == [1] * 8 and batcher.queue_depth == 0
+
+
+def test_disabled_keeps_errors_per_caller_and_limits_requests_in_flight() -> None:
+    def run_batch(items: list[str]) -> list[str | BaseException]:
+        return [ValueError("bad") if x == "bad" else x.upper() for x in items]
+
+    rec = Recorder(block=True)
+    flaky = DynamicBatcher(run_batch, BatcherConfig(enabled=False))
+    blocked = DynamicBatcher(rec, BatcherConfig(enabled=False, max_queue=1))
+
+    async def main() -> list[tuple[str, Any]]:
+        results = await outcomes(flaky.submit("a", 1), flaky.submit("bad", 1))
+        first = await busy(blocked, rec)
+        with pytest.raises(QueueFull, match="in flight"):
+            await blocked.submit(("second", 1), n_candidates=1)
+        rec.release.set()
+        assert await first == "result:busy"
+        await flaky.close()
+        await blocked.close()
+        return results
+
+    (a, (how, bad)) = run(main())
+    assert a == ("returned", "A") and how == "raised" and isinstance(bad, ValueError)
+    assert rec.seen == ["busy"] and blocked.stats.rejected == 1
+
+
+def test_observer_sees_each_batch() -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    class OnlyBatches(BatchObserver):  # overrides only the hook it needs
+        def on_batch(self, n_requests: int, n_candidates: int, queue_depth: int) -> None:
+            seen.append((n_requests, n_candidates, queue_depth))
+
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=25, max_queue_delay_us=1000), OnlyBatches())
+
+    async def main() -> None:
+        await asyncio.gather(*(batcher.submit((f"r{i}", 10), n_candidates=10) for i in range(5)))
+        await batcher.close()
+
+    run(main())
+    assert seen == [(2, 20, 3), (2, 20, 1), (1, 10, 0)]
+
+
+def test_close_drains_the_queue_and_then_refuses() -> None:
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=1000, max_queue_delay_us=5_000_000))
+
+    async def main() -> tuple[list[str], float]:
+        tasks = [submit(batcher, f"r{i}", 10) for i in range(4)]
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 4
+        start = time.perf_counter()
+        await batcher.close()  # does not wait out the 5 s delay
+        elapsed = time.perf_counter() - start
+        assert all(t.done() for t in tasks)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(("late", 1), n_candidates=1)
+        return [t.result() for t in tasks], elapsed
+
+    results, elapsed = run(main())
+    assert results == [f"result:r{i}" for i in range(4)] and elapsed < 0.5
+    assert rec.calls == [["r0", "r1", "r2", "r3"]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_candidates": 0}, "max_batch_candidates"),
+        ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
+        ({"max_queue": 0}, "max_queue"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatcherConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------- the real model
+def logged_requests(workspace: Any, spec: Any, sizes: list[int]) -> list[Request]:
+    """Distinct logged slates as (user, context, candidates), the i-th cut to ``sizes[i]`` candidates."""
+    log = pl.read_parquet(sorted(workspace.log.rglob("*.parquet"))[0])
+    rid = spec.keys.request
+    out: list[Request] = []
+    for req_id, n in zip(log[rid].unique(maintain_order=True).to_list(), sizes, strict=False):
+        slate = log.filter(pl.col(rid) == req_id).head(n)
+        first = slate.row(0, named=True)
+        out.append(
+            (
+                {c: first[c] for c in spec.features_from("user")},
+                {c: first[c] for c in spec.features_from("context")},
+                {c: slate[c].to_list() for c in spec.features_from("item")},
+            )
+        )
+    assert [len(next(iter(cands.values()))) for _, _, cands in out] == sizes
+    return out
+
+
+def test_score_requests_equals_scoring_each_request(workspace: Any, model: InferenceModel) -> None:
+    requests = logged_requests(workspace, model.spec, [10, 3, 7, 1, 10])
+    batched = model.score_requests(requests)
+    assert len(batched) == len(requests)
+    for (user, context, cands), got in zip(requests, batched, strict=True):
+        want = model.score_request(user, context, cands)
+        assert set(got) == set(want) == set(model.tasks)
+        for t in model.tasks:
+            assert got[t].shape == want[t].shape == (len(cands[model.spec.keys.item]),)  # (C,)
+            np.testing.assert_allclose(got[t], want[t], rtol=1e-6, atol=1e-6)
+    assert model.score_requests([]) == []
+
+
+def test_batcher_over_the_real_model_routes_scores(workspace: Any, model: InferenceModel) -> None:
+    requests = logged_requests(workspace, model.spec, [10, 4, 10, 6])
+    batcher = DynamicBatcher(model.score_requests, BatcherConfig(max_batch_candidates=20, max_queue_delay_us=20_000))
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        n = [len(c[model.spec.keys.item]) for _, _, c in requests]
+        results = await asyncio.gather(*(batcher.submit(r, k) for r, k in zip(requests, n, strict=True)))
+        await batcher.close()
+        return results
+
+    results = run(main())
+    assert list(batcher.stats.batch_candidates) == [14, 16]
+    for r, got in zip(requests, results, strict=True):
+        want = model.score_request(*r)
+        for t in model.tasks:
+            np.testing.assert_allclose(got[t], want[t], rtol=1e-6, atol=1e-6)
