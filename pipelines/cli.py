@@ -181,21 +181,47 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
     max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = 1000,
+    max_batch_candidates: Annotated[int, typer.Option(help="Most candidates in one batched forward pass.")] = 1000,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for a batch to fill (µs).")] = (
+        2000
+    ),
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond: RESOURCE_EXHAUSTED.")] = 256,
+    batching: Annotated[bool, typer.Option(help="Batch candidates across concurrent requests.")] = True,
+    reload_interval_s: Annotated[float, typer.Option(help="Poll the model URI every N s; 0 = off.")] = (
+        30.0
+    ),
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port of --host.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain (with --tls-key).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key (with --tls-cert).")] = None,
+    max_message_mb: Annotated[int, typer.Option(help="Largest request or response message (MiB).")] = 16,
+    log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
     ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here when serving.")] = None,
 ) -> None:
     """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM."""
     import asyncio
 
     from pipelines.tracking import default_tracking_uri
-    from serving.server import serve
+    from serving.batcher import BatcherConfig
+    from serving.observability import setup_json_logging
+    from serving.server import ServerOptions, serve
 
-    _setup_logging()
+    if log_format not in ("json", "text"):
+        raise ValueError(f"--log-format must be json or text, got {log_format!r}")
+    options = ServerOptions(
+        host=host, port=port, max_candidates=max_candidates, max_message_bytes=max_message_mb * 1024 * 1024,
+        tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
+        batching=BatcherConfig(max_batch_candidates=max_batch_candidates, max_queue_delay_us=max_queue_delay_us,
+                               max_queue=max_queue, enabled=batching),
+        reload_interval_s=reload_interval_s, metrics_port=metrics_port,
+    )
+    if log_format == "json":
+        setup_json_logging("INFO")
+    else:
+        _setup_logging()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
     asyncio.run(
-        serve(
-            model, host=host, port=port, tracking_uri=tracking_uri or default_tracking_uri(),
-            max_candidates=max_candidates, ready_file=str(ready_file) if ready_file else None,
-        )
+        serve(model, tracking_uri=tracking_uri or default_tracking_uri(), options=options,
+              ready_file=str(ready_file) if ready_file else None)
     )
 
 

@@ -44,7 +44,7 @@ def running_server(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: 
     ready = workdir / "server.port"
     ready.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pipelines", "serve", "--model", model_uri, "--port", "0",
-           "--tracking-uri", tracking_uri, "--ready-file", str(ready)]
+           "--tracking-uri", tracking_uri, "--ready-file", str(ready), "--log-format", "text"]
     proc = subprocess.Popen(cmd)
     try:
         deadline = time.monotonic() + timeout_s

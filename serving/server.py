@@ -1,8 +1,13 @@
 """The gRPC server: ``ranking.v1.Ranker`` on ``grpc.aio``, with health checking and reflection.
 
 Lifecycle (one log line each, logger ``serving``): bind and start with health NOT_SERVING ->
-load and warm the model in a worker thread -> SERVING -> on SIGINT/SIGTERM NOT_SERVING, stop
-accepting, let requests in flight finish within ``grace_s`` -> stopped.
+load and warm the model in a worker thread -> SERVING (and, with ``reload_interval_s``, poll the
+model URI and swap in new versions) -> on SIGINT/SIGTERM NOT_SERVING, stop accepting, let requests
+in flight finish within ``grace_s`` -> stopped.
+
+Requests go through a dynamic batcher (``serving.batcher``): decoding and the fitted transform run
+per request, the forward pass once per batch of requests; batching can be switched off. Metrics
+(``serving.observability``) are served on their own HTTP port when ``metrics_port`` is set.
 
 Run it from Python::
 
@@ -16,12 +21,14 @@ Shape letters: C candidates, K returned candidates (``top_k`` or C).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,13 +40,66 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.ranking.v1 import ranker_pb2 as pb
 from protos.ranking.v1 import ranker_pb2_grpc as pb_grpc
-from serving.decode import DEFAULT_MAX_CANDIDATES, decode_request
-from serving.holder import LoadedModel, ModelHolder
+from serving.batcher import BatcherClosed, BatcherConfig, BatchObserver, DeadlineExceeded, DynamicBatcher, QueueFull
+from serving.decode import DEFAULT_MAX_CANDIDATES, DecodedRequest, decode_request
+from serving.holder import LoadedModel, ModelHolder, ReloadEvent
+from serving.observability import ServerMetrics, start_metrics_server
 
 log = logging.getLogger("serving")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Ranker"].full_name  # "ranking.v1.Ranker"
 _HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the server as a whole
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a server binds, batches, reloads and reports; every ``ranker serve`` option.
+
+    Args:
+        host, port: address to bind (port 0 picks a free one).
+        max_candidates: the most candidates one request may carry (more: INVALID_ARGUMENT).
+        max_message_bytes: the largest request or response message, in bytes.
+        tls_cert, tls_key: PEM files; both or neither (plaintext).
+        batching: the dynamic batcher's knobs (``BatcherConfig``; ``enabled=False`` turns it off).
+        reload_interval_s: poll the model URI this often and swap in a new version; 0 = never.
+        metrics_port: serve Prometheus ``/metrics`` on this port of ``host``; None = no endpoint, 0 = a free one.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_candidates: int = DEFAULT_MAX_CANDIDATES
+    max_message_bytes: int = 16 * 1024 * 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    reload_interval_s: float = 0.0
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file not found: {path!r}")
+        if not (math.isfinite(self.reload_interval_s) and self.reload_interval_s >= 0):
+            raise ValueError(f"reload_interval_s must be finite and >= 0, got {self.reload_interval_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request waiting in the batcher, with the model snapshot it started on."""
+
+    loaded: LoadedModel
+    req: pb.RankRequest
 
 
 def rank(loaded: LoadedModel, req: pb.RankRequest, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> pb.RankResponse:
@@ -49,10 +109,45 @@ def rank(loaded: LoadedModel, req: pb.RankRequest, max_candidates: int = DEFAULT
         ValueError: a malformed request (``DecodeError``), features the transform rejects, or an
             unknown objective / negative weight; the message names the field.
     """
-    model = loaded.model
-    user, context, candidates, item_ids = decode_request(req, model.fitted, max_candidates)
-    scores = model.score_request(user, context, candidates)  # task -> (C,)
-    combined = model.combine(scores, dict(req.objective_weights))  # (C,)
+    decoded = decode_request(req, loaded.model.fitted, max_candidates)
+    scores = loaded.model.score_request(decoded.user, decoded.context, decoded.candidates)  # task -> (C,)
+    return respond(loaded, req, decoded, scores)
+
+
+def rank_batch(jobs: list[Job], max_candidates: int = DEFAULT_MAX_CANDIDATES) -> list[pb.RankResponse | Exception]:
+    """:func:`rank` for several requests with one forward pass per model snapshot (blocking).
+
+    A request that fails to decode or to combine gets its own exception in its slot; the others
+    are answered. If the shared forward raises (a request the transform rejects), the exception
+    propagates and the batcher ranks the requests one by one, so only that request fails.
+    """
+    out: list[pb.RankResponse | Exception | None] = [None] * len(jobs)
+    decoded: dict[int, DecodedRequest] = {}
+    by_model: dict[int, list[int]] = {}  # a reload may put two snapshots in one batch
+    for i, job in enumerate(jobs):
+        try:
+            decoded[i] = decode_request(job.req, job.loaded.model.fitted, max_candidates)
+            by_model.setdefault(id(job.loaded), []).append(i)
+        except ValueError as e:
+            out[i] = e
+    for members in by_model.values():
+        loaded = jobs[members[0]].loaded
+        scores = loaded.model.score_requests(
+            [(decoded[i].user, decoded[i].context, decoded[i].candidates) for i in members]
+        )
+        for i, s in zip(members, scores, strict=True):
+            try:
+                out[i] = respond(loaded, jobs[i].req, decoded[i], s)
+            except ValueError as e:
+                out[i] = e
+    return [r for r in out if r is not None]
+
+
+def respond(
+    loaded: LoadedModel, req: pb.RankRequest, decoded: DecodedRequest, scores: dict[str, np.ndarray]
+) -> pb.RankResponse:
+    """Combine the objectives' scores (request weights over the model's), order, cut to ``top_k``."""
+    combined = loaded.model.combine(scores, dict(req.objective_weights))  # (C,)
     order = np.argsort(-combined, kind="stable")  # (C,) best first, ties in request order
     if req.top_k:
         order = order[: req.top_k]  # (K,)
@@ -60,26 +155,87 @@ def rank(loaded: LoadedModel, req: pb.RankRequest, max_candidates: int = DEFAULT
     resp = pb.RankResponse(request_id=req.request_id, model_name=loaded.name, model_version=loaded.version)
     for j, (i, score) in enumerate(zip(order.tolist(), combined[order].tolist(), strict=True)):
         resp.candidates.add(
-            item_id=item_ids[i], index=i, score=score, objective_scores={t: v[j] for t, v in per_task.items()}
+            item_id=decoded.item_ids[i], index=i, score=score,
+            objective_scores={t: v[j] for t, v in per_task.items()},
         )
     return resp
 
 
 class RankerServicer(pb_grpc.RankerServicer):
-    """``Rank``: snapshot the current model, rank in a worker thread, map errors to status codes."""
+    """``Rank``: snapshot the current model, queue the request in the batcher, map errors to status codes."""
 
-    def __init__(self, holder: ModelHolder, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> None:
+    def __init__(self, holder: ModelHolder, batcher: DynamicBatcher[Job, pb.RankResponse],
+                 metrics: ServerMetrics) -> None:
         self._holder = holder
-        self._max = max_candidates
+        self._batcher = batcher
+        self._metrics = metrics
 
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
         start = time.perf_counter_ns()
-        checked = _precondition(self._holder.current, request)  # one model snapshot per request
-        result = checked if isinstance(checked, Failure) else await _rank_safely(checked, request, self._max)
-        if isinstance(result, Failure):
-            await _abort(context, result)
-        result.server_time_us = (time.perf_counter_ns() - start) // 1000
-        return result
+        code = grpc.StatusCode.OK
+        try:
+            checked = _precondition(self._holder.current, request)  # one model snapshot per request
+            result = checked if isinstance(checked, Failure) else await self._submit(checked, request, context)
+            if isinstance(result, Failure):
+                code = result.code
+                await _abort(context, result)
+            result.server_time_us = (time.perf_counter_ns() - start) // 1000
+            return result
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._metrics.observe_request(code, (time.perf_counter_ns() - start) / 1e9, _n_candidates(request))
+
+    async def _submit(self, loaded: LoadedModel, req: pb.RankRequest,
+                      context: grpc.aio.ServicerContext) -> pb.RankResponse | Failure:
+        remaining = context.time_remaining()  # None without a client deadline
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            return await self._batcher.submit(Job(loaded, req), max(_n_candidates(req), 1), deadline)
+        except QueueFull as e:
+            return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {e}")
+        except DeadlineExceeded as e:
+            return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except BatcherClosed as e:
+            return Failure(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError as e:
+            log.info("rank rejected request_id=%s: %s", req.request_id, e)
+            return Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception:
+            log.exception("rank failed request_id=%s", req.request_id)
+            return Failure(grpc.StatusCode.INTERNAL, "internal error while ranking; see the server log")
+
+
+def _n_candidates(req: pb.RankRequest) -> int:
+    """How many item ids a request carries (before any validation; 0 when the column is unset)."""
+    kind = req.candidates.item_ids.WhichOneof("kind")
+    if kind is None:
+        return 0
+    part = getattr(req.candidates.item_ids, kind)
+    return len(part.lengths) if hasattr(part, "lengths") else len(part.values)
+
+
+class _BatchMetrics(BatchObserver):
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def on_batch(self, n_requests: int, n_candidates: int, queue_depth: int) -> None:
+        self.metrics.observe_batch(n_requests, n_candidates, queue_depth)
+
+
+def _reload_listener(metrics: ServerMetrics) -> Callable[[ReloadEvent], None]:
+    """Holder events -> metrics: loads by outcome, the serving version, the reload-failed gauge."""
+
+    def on_reload(event: ReloadEvent) -> None:
+        if event.kind == "cleared":
+            metrics.clear_reload_failed()
+            return
+        metrics.model_load(event.ok)
+        if event.ok and event.model is not None:
+            metrics.set_model(event.model.name, event.model.version)
+
+    return on_reload
 
 
 @dataclass(frozen=True)
@@ -104,21 +260,9 @@ def _precondition(loaded: LoadedModel | None, req: pb.RankRequest) -> LoadedMode
     return loaded
 
 
-async def _rank_safely(loaded: LoadedModel, req: pb.RankRequest, max_candidates: int) -> pb.RankResponse | Failure:
-    """Run :func:`rank` off the event loop; user errors -> INVALID_ARGUMENT, bugs -> INTERNAL."""
-    try:
-        return await asyncio.to_thread(rank, loaded, req, max_candidates)
-    except ValueError as e:
-        log.info("rank rejected request_id=%s: %s", req.request_id, e)
-        return Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except Exception:
-        log.exception("rank failed request_id=%s", req.request_id)
-        return Failure(grpc.StatusCode.INTERNAL, "internal error while ranking; see the server log")
-
-
 @dataclass
 class RankingServer:
-    """A bound (not necessarily started) server with its model holder and health servicer.
+    """A bound (not necessarily started) server with its model holder, batcher, metrics and health.
 
     Unpacks as ``server, port, holder`` (what :func:`start_server` promises).
     """
@@ -128,6 +272,13 @@ class RankingServer:
     port: int  # the bound port (the free one picked when 0 was asked for)
     holder: ModelHolder
     health: health_aio.HealthServicer
+    batcher: DynamicBatcher[Job, pb.RankResponse]
+    metrics: ServerMetrics
+    options: ServerOptions
+    metrics_port: int | None = None  # the bound metrics port, once started
+    _stop_metrics: Callable[[], None] | None = None
+    _stop_polling: asyncio.Event | None = None
+    _polling: asyncio.Task[None] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.server, self.port, self.holder))
@@ -135,65 +286,96 @@ class RankingServer:
     async def start(self) -> None:
         """Start accepting RPCs with health NOT_SERVING (Rank answers UNAVAILABLE until activated)."""
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.options.metrics_port is not None:
+            self.metrics_port, self._stop_metrics = start_metrics_server(
+                self.metrics, self.host, self.options.metrics_port
+            )
         await self.server.start()
-        log.info("started host=%s port=%d health=NOT_SERVING", self.host, self.port)
+        log.info("started host=%s port=%d tls=%s metrics_port=%s health=NOT_SERVING", self.host, self.port,
+                 self.options.tls_cert is not None, self.metrics_port)
 
     async def activate(self) -> LoadedModel:
-        """Load and warm the model in a worker thread (health keeps answering), then SERVING."""
+        """Load and warm the model in a worker thread (health keeps answering), then SERVING; start polling."""
         loaded = await asyncio.to_thread(self.holder.load)
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving name=%s version=%s port=%d", loaded.name, loaded.version, self.port)
+        if self.options.reload_interval_s > 0:
+            self._stop_polling = asyncio.Event()
+            self._polling = asyncio.create_task(
+                self.holder.run_polling(self.options.reload_interval_s, self._stop_polling)
+            )
         return loaded
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """NOT_SERVING, stop accepting RPCs, give those in flight ``grace_s`` seconds to finish."""
         log.info("stopping port=%d grace=%.1fs", self.port, grace_s)
+        if self._stop_polling is not None and self._polling is not None:
+            self._stop_polling.set()
+            await self._polling
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.batcher.close()
         self.holder.close()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         log.info("stopped port=%d", self.port)
 
 
-def create_server(
-    holder: ModelHolder,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    max_candidates: int = DEFAULT_MAX_CANDIDATES,
-) -> RankingServer:
-    """Build the server and bind ``host:port`` (0 picks a free port); health starts NOT_SERVING.
+def create_server(holder: ModelHolder, options: ServerOptions | None = None, **overrides: Any) -> RankingServer:
+    """Build the server and bind it; health starts NOT_SERVING.
+
+    Args:
+        holder: the model holder (not loaded yet).
+        options: see :class:`ServerOptions`; ``overrides`` replace single fields (``port=0``).
 
     Raises:
+        ValueError: bad options (named).
         RuntimeError: the address cannot be bound.
     """
-    server = grpc.aio.server()
-    pb_grpc.add_RankerServicer_to_server(RankerServicer(holder, max_candidates), server)
+    opts = dataclasses.replace(options or ServerOptions(), **overrides)
+    limits = [("grpc.max_receive_message_length", opts.max_message_bytes),
+              ("grpc.max_send_message_length", opts.max_message_bytes)]
+    server = grpc.aio.server(options=limits)
+    metrics = ServerMetrics()
+    holder.listeners.append(_reload_listener(metrics))
+    batcher: DynamicBatcher[Job, pb.RankResponse] = DynamicBatcher(
+        lambda jobs: rank_batch(jobs, opts.max_candidates), opts.batching, _BatchMetrics(metrics)
+    )
+    pb_grpc.add_RankerServicer_to_server(RankerServicer(holder, batcher, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{opts.host}:{opts.port}"
+    if opts.tls_cert is not None and opts.tls_key is not None:
+        creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise RuntimeError(f"cannot bind {host}:{port}")
-    return RankingServer(server=server, host=host, port=bound, holder=holder, health=health)
+        raise RuntimeError(f"cannot bind {address}")
+    return RankingServer(server=server, host=opts.host, port=bound, holder=holder, health=health,
+                         batcher=batcher, metrics=metrics, options=opts)
 
 
 async def start_server(
     model: str | ModelHolder,
-    host: str = "127.0.0.1",
-    port: int = 0,
     tracking_uri: str | None = None,
-    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    options: ServerOptions | None = None,
+    **overrides: Any,
 ) -> RankingServer:
     """Bind, start (NOT_SERVING), load and warm the model, then report SERVING.
 
     Args:
         model: artifact folder or MLflow URI, or a ready :class:`ModelHolder`.
+        tracking_uri: MLflow tracking/registry URI for MLflow model URIs.
+        options, overrides: see :func:`create_server`.
 
     Returns:
         the running server; unpacks as ``server, port, holder``. Stop it with ``await rs.stop()``.
     """
     holder = model if isinstance(model, ModelHolder) else ModelHolder(model, tracking_uri)
-    rs = create_server(holder, host, port, max_candidates)
+    rs = create_server(holder, options, **overrides)
     await rs.start()
     try:
         await rs.activate()
@@ -205,24 +387,22 @@ async def start_server(
 
 async def serve(
     model_uri: str,
-    host: str = "127.0.0.1",
-    port: int = 50051,
     tracking_uri: str | None = None,
-    max_candidates: int = DEFAULT_MAX_CANDIDATES,
     grace_s: float = 5.0,
     ready_file: str | None = None,
+    options: ServerOptions | None = None,
+    **overrides: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully.
 
     Args:
         model_uri: artifact folder or MLflow URI (``models:/ranker@champion``).
-        host, port: address to bind; port 0 picks a free one (see ``ready_file``).
         tracking_uri: MLflow tracking/registry URI for MLflow model URIs.
-        max_candidates: the most candidates one request may carry.
         grace_s: seconds requests in flight get to finish at shutdown.
         ready_file: once SERVING, the bound port is written here (atomically) for scripts to wait on.
+        options, overrides: see :class:`ServerOptions` (``host``, ``port``, ``max_candidates``, ...).
     """
-    rs = await start_server(model_uri, host, port, tracking_uri, max_candidates)
+    rs = await start_server(model_uri, tracking_uri, options, **overrides)
     if ready_file:
         _write_atomically(Path(ready_file), f"{rs.port}\n")
     stopping = asyncio.Event()

@@ -21,7 +21,7 @@ from ranking.artifact import build_model, export_artifact
 from ranking.config import ModelConfig
 from ranking.inference import InferenceModel
 from serving.client import build_request
-from serving.server import RankingServer, start_server
+from serving.server import RankingServer, ServerOptions, start_server
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,11 @@ def raw_request(workspace: Workspace, fitted: FittedTransform) -> RawRequest:
 class BackgroundServer:
     """The ``grpc.aio`` server on an event loop in a daemon thread, for blocking clients."""
 
-    def __init__(self, artifact: Path) -> None:
+    def __init__(self, artifact: Path, options: ServerOptions | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.rs: RankingServer = self.call(start_server(str(artifact)))
+        self.rs: RankingServer = self.call(start_server(str(artifact), options=options))
         self.target = f"127.0.0.1:{self.rs.port}"
 
     def call(self, coro: Any, timeout_s: float = 60.0) -> Any:
