@@ -48,6 +48,7 @@ class RankerServicer:
 
     def Rank(self, request, context):
         """Rank the request's candidates, best first, by the weighted combination of objective scores.
+        Stateless and side-effect free, so a failed call may be retried as is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
