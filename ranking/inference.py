@@ -113,5 +113,5 @@ class InferenceModel:
         n = len(next(iter(scores.values())))
         total = np.zeros(n, dtype=np.float64)
         for t in self.tasks:
-            total += w[t] * self._sign[t] * scores[t]
+            total += w[t] * self._sign[t] * scores[t].astype(np.float64)  # float32 * 1e39 would overflow
         return total

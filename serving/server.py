@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -246,8 +247,14 @@ class Failure:
     message: str
 
 
+_MAX_DETAILS = 1024  # characters; gRPC clients drop trailers past 8-16 KiB and report RESOURCE_EXHAUSTED
+
+
 async def _abort(context: grpc.aio.ServicerContext, failure: Failure) -> NoReturn:
-    await context.abort(failure.code, failure.message)  # raises
+    message = failure.message
+    if len(message) > _MAX_DETAILS:  # errors quote names and values sent by the caller
+        message = f"{message[:_MAX_DETAILS]}... ({len(failure.message)} characters)"
+    await context.abort(failure.code, message)  # raises
     raise AssertionError("grpc.aio ServicerContext.abort returned")
 
 
@@ -321,6 +328,21 @@ class RankingServer:
         log.info("stopped port=%d", self.port)
 
 
+def _add_ranker(servicer: RankerServicer, server: grpc.aio.Server) -> None:
+    """``add_RankerServicer_to_server``, except that bytes which do not parse as a ``RankRequest``
+    answer INVALID_ARGUMENT (grpc.aio answers UNKNOWN when its deserializer raises)."""
+
+    async def rank(raw: bytes, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        try:
+            request = pb.RankRequest.FromString(raw)
+        except DecodeError as e:
+            await _abort(context, Failure(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a RankRequest: {e}"))
+        return await servicer.Rank(request, context)
+
+    handler = grpc.unary_unary_rpc_method_handler(rank, response_serializer=pb.RankResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Rank": handler}),))
+
+
 def create_server(holder: ModelHolder, options: ServerOptions | None = None, **overrides: Any) -> RankingServer:
     """Build the server and bind it; health starts NOT_SERVING.
 
@@ -341,7 +363,7 @@ def create_server(holder: ModelHolder, options: ServerOptions | None = None, **o
     batcher: DynamicBatcher[Job, pb.RankResponse] = DynamicBatcher(
         lambda jobs: rank_batch(jobs, opts.max_candidates), opts.batching, _BatchMetrics(metrics)
     )
-    pb_grpc.add_RankerServicer_to_server(RankerServicer(holder, batcher, metrics), server)
+    _add_ranker(RankerServicer(holder, batcher, metrics), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
