@@ -42,6 +42,7 @@ def _setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # imports (fbgemm_gpu) may already have configured the root logger
     )
 
 
@@ -195,6 +196,7 @@ def serve_cmd(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key (with --tls-cert).")] = None,
     max_message_mb: Annotated[int, typer.Option(help="Largest request or response message (MiB).")] = 16,
     log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
+    torch_threads: Annotated[int, typer.Option(help="Threads of one forward pass (forwards run one at a time).")] = 1,
     ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here when serving.")] = None,
 ) -> None:
     """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM."""
@@ -214,7 +216,13 @@ def serve_cmd(
                                max_queue=max_queue, enabled=batching),
         reload_interval_s=reload_interval_s, metrics_port=metrics_port,
     )
+    if torch_threads < 1:
+        raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")
+    import torch
+
+    torch.set_num_threads(torch_threads)
     if log_format == "json":
+        logging.getLogger().handlers.clear()  # imports (fbgemm_gpu) may have added a plain handler
         setup_json_logging("INFO")
     else:
         _setup_logging()

@@ -69,9 +69,9 @@ class InferenceModel:
     ) -> list[dict[str, np.ndarray]]:
         """Several requests in one forward pass: what the serving dynamic batcher runs.
 
-        Each request is transformed on its own (its user and context broadcast to its own
-        candidates, as in :meth:`score_request`); the frames are stacked, scored once and the
-        scores split back. Scoring is row-wise, so request ``i`` gets the scores
+        The requests are transformed together (each user and context broadcast to its own
+        candidates, as in :meth:`score_request`), scored once and the scores split back.
+        Scoring is row-wise, so request ``i`` gets the scores
         ``score_request(*requests[i])`` gives, up to float rounding of the larger matmuls.
 
         Args:
@@ -91,11 +91,12 @@ class InferenceModel:
         """
         if not requests:
             return []
-        frames = [self.fitted.transform_request(u, c, cands) for u, c, cands in requests]
-        scores = self.score_frame(pl.concat(frames, how="vertical"))  # task -> (sum C_i,)
-        bounds = np.cumsum([f.height for f in frames])[:-1]  # (R - 1,) where request i + 1 starts
+        frame = self.fitted.transform_requests(list(requests))  # (sum C_i) rows, one Polars query
+        scores = self.score_frame(frame)  # task -> (sum C_i,)
+        sizes = [len(next(iter(cands.values()), ())) for _, _, cands in requests]  # C_i
+        bounds = np.cumsum(sizes)[:-1]  # (R - 1,) where request i + 1 starts
         split = {t: np.split(s, bounds) for t, s in scores.items()}  # task -> R arrays (C_i,)
-        return [{t: parts[i] for t, parts in split.items()} for i in range(len(frames))]
+        return [{t: parts[i] for t, parts in split.items()} for i in range(len(requests))]
 
     def combine(self, scores: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
         """Weighted sum of objective scores; ``weights`` override the defaults per task.

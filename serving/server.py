@@ -173,20 +173,17 @@ class RankerServicer(pb_grpc.RankerServicer):
 
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
         start = time.perf_counter_ns()
-        code = grpc.StatusCode.OK
+        code = grpc.StatusCode.CANCELLED  # unless an answer is reached below
         try:
             checked = _precondition(self._holder.current, request)  # one model snapshot per request
             result = checked if isinstance(checked, Failure) else await self._submit(checked, request, context)
-            if isinstance(result, Failure):
-                code = result.code
-                await _abort(context, result)
-            result.server_time_us = (time.perf_counter_ns() - start) // 1000
-            return result
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
+            code = result.code if isinstance(result, Failure) else grpc.StatusCode.OK
+        finally:  # counted before the answer leaves, so a client never sees an uncounted request
             self._metrics.observe_request(code, (time.perf_counter_ns() - start) / 1e9, _n_candidates(request))
+        if isinstance(result, Failure):
+            await _abort(context, result)
+        result.server_time_us = (time.perf_counter_ns() - start) // 1000
+        return result
 
     async def _submit(self, loaded: LoadedModel, req: pb.RankRequest,
                       context: grpc.aio.ServicerContext) -> pb.RankResponse | Failure:

@@ -63,6 +63,26 @@ def test_serving_transform_equals_offline_transform(small_log: Path, fitted: Fit
         assert served.equals(offline), f"request {rid}"
 
 
+def test_batched_serving_transform_equals_the_offline_transform(small_log: Path, fitted: FittedTransform,
+                                                               spec: FeatureSpec) -> None:
+    """Parity: several requests through transform_requests == their rows through transform, in order."""
+    raw = pl.read_parquet(sorted(small_log.rglob("*.parquet")))
+    rids = np.random.default_rng(1).choice(raw["request_id"].unique().to_numpy(), 6, replace=False)
+    requests, offline = [], []
+    for rid in rids:
+        rows = raw.filter(pl.col("request_id") == rid).head(3 + len(requests))  # different sizes
+        first = rows.row(0, named=True)
+        requests.append(({c: first[c] for c in spec.features_from("user")},
+                         {c: first[c] for c in spec.features_from("context")},
+                         {c: rows[c] for c in spec.features_from("item")}))
+        offline.append(fitted.transform(rows.lazy(), with_labels=False).collect())
+    served = fitted.transform_requests(requests)
+    assert served.height == sum(f.height for f in offline)
+    assert served.equals(pl.concat(offline).select(served.columns))
+    with pytest.raises(ValueError, match="missing user feature 'user_id'"):
+        fitted.transform_requests([requests[0], ({}, requests[1][1], requests[1][2])])
+
+
 def test_serving_transform_errors_name_the_feature(fitted: FittedTransform) -> None:
     ok_user, ok_ctx = {"user_id": 1}, {"device": "ios", "surface": "home", "hour": 3}
     cands = {"item_id": [1, 2], "creator_id": [1, 2], "category": ["cat_1", "cat_2"],
