@@ -17,8 +17,8 @@ The load generator is ``benchmarks/load/client.py`` (grpc.aio, pre-serialized re
 separate process from the server. Every figure carries the load average when it was taken; the
 machine may be shared.
 
-    .venv/bin/python benchmarks/serving.py              # full run, ~10 minutes
-    .venv/bin/python benchmarks/serving.py --quick      # seconds-long smoke run
+    .venv/bin/python benchmarks/bench_serving.py              # full run, ~10 minutes
+    .venv/bin/python benchmarks/bench_serving.py --quick      # seconds-long smoke run
 """
 
 from __future__ import annotations
@@ -44,28 +44,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# This file shares its name with the ``serving`` package; run as a script, its folder comes first
-# on sys.path and would shadow the package, so take the folder off before importing the project.
+import grpc
+import numpy as np
+import polars as pl
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from features.build import build
+from features.fitted import FittedTransform
+from features.spec import load_spec
+from features.synthetic import SynthConfig, write_log
+from protos.ranking.v1 import ranker_pb2 as pb
+from ranking.artifact import build_model, export_artifact
+from ranking.config import ModelConfig
+from ranking.inference import InferenceModel
+from serving.client import build_request
+from serving.decode import decode_request
+
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import torch  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from features.build import build  # noqa: E402
-from features.fitted import FittedTransform  # noqa: E402
-from features.spec import load_spec  # noqa: E402
-from features.synthetic import SynthConfig, write_log  # noqa: E402
-from protos.ranking.v1 import ranker_pb2 as pb  # noqa: E402
-from ranking.artifact import build_model, export_artifact  # noqa: E402
-from ranking.config import ModelConfig  # noqa: E402
-from ranking.inference import InferenceModel  # noqa: E402
-from serving.client import build_request  # noqa: E402
-from serving.decode import decode_request  # noqa: E402
-
 ROOT = _HERE.parent
 CLIENT = _HERE / "load" / "client.py"
 FORWARD_SIZES = (50, 100, 250, 500, 1000, 2000, 4000)
@@ -91,7 +87,7 @@ class BenchConfig:
     overload_max_queue: int = 32
     overload_factor: float = 3.0
     soak_fraction: float = 0.7
-    server_threads: int = 0  # OMP_NUM_THREADS of the server (torch intra-op threads); 0 = torch's default
+    server_threads: int = 0  # the server's --torch-threads; 0 = its default (1)
     probe_threads: bool = True  # also measure one load point with 1 torch thread and with torch's default
 
     @classmethod
@@ -213,7 +209,7 @@ class ServerProcess:
     work: Path
     name: str
     args: list[str]
-    threads: int = 0  # OMP_NUM_THREADS for the server; 0 = unset (torch uses one thread per core)
+    threads: int = 0  # the server's --torch-threads; 0 = its default (1)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     metrics_port: int = 0
@@ -224,13 +220,10 @@ class ServerProcess:
         ready.unlink(missing_ok=True)
         log = self.work / f"{self.name}.log"
         cmd = [sys.executable, "-m", "pipelines", "serve", "--model", str(self.artifact), "--port", "0",
-               "--ready-file", str(ready), "--metrics-port", "0", "--log-format", "json", *self.args]
-        # json, not text: with text the lifecycle lines (and the metrics port) never reach the log
-        # (fbgemm_gpu configures the root logger at import, so the CLI's basicConfig does nothing)
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-        self.command = shlex.join([*([f"OMP_NUM_THREADS={self.threads}"] if self.threads else []), "python", *cmd[1:]])
+               "--ready-file", str(ready), "--metrics-port", "0", "--log-format", "json",
+               *(["--torch-threads", str(self.threads)] if self.threads else []), *self.args]
+        env = dict(os.environ)
+        self.command = shlex.join(["python", *cmd[1:]])
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while not ready.exists():
@@ -590,13 +583,12 @@ def run(cfg: BenchConfig, work: Path, command: str) -> str:
     knobs = ["--max-batch-candidates", str(cfg.max_batch_candidates),
              "--max-queue-delay-us", str(cfg.max_queue_delay_us)]
     threads = cfg.server_threads
-    ctx["knobs"] = " ".join(knobs) + (f", OMP_NUM_THREADS={threads}" if threads else "") + " (others: CLI defaults)"
+    ctx["knobs"] = " ".join(knobs) + (f" --torch-threads {threads}" if threads else "") + " (others: CLI defaults)"
     ctx["probe"] = []
     if cfg.probe_threads:
-        for t in sorted({0, 1, threads}):
+        for t in sorted({1, 2, threads or 1}):
             with server(artifact, work, f"threads_{t}", knobs, t) as sp:
-                label = f"probe threads {t or 'default'}"
-                ctx["probe"].append((t or default_threads, run_load(sp, payloads[100], 100, cfg, label, concurrency=8)))
+                ctx["probe"].append((t, run_load(sp, payloads[100], 100, cfg, f"probe threads {t}", concurrency=8)))
     closed = []
     with server(artifact, work, "batching_on", knobs, threads) as sp:
         ctx["server_cmd"] = sp.command
@@ -637,9 +629,9 @@ def main() -> None:
     ap.add_argument("--max-batch-candidates", type=int, default=BenchConfig.max_batch_candidates)
     ap.add_argument("--max-queue-delay-us", type=int, default=BenchConfig.max_queue_delay_us)
     ap.add_argument("--server-threads", type=int, default=BenchConfig.server_threads,
-                    help="OMP_NUM_THREADS of the server process; 0 (default) leaves torch's default (one per core)")
+                    help="--torch-threads of the server; 0 (default) leaves its default (1)")
     ap.add_argument("--no-probe-threads", action="store_true",
-                    help="skip the load points comparing 1 torch thread with torch's default in the server")
+                    help="skip the load points comparing 1 torch thread with 2 in the server")
     ap.add_argument("--work", type=Path, default=None, help="keep data, logs and raw results here")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown summary here")
     args = ap.parse_args()
@@ -652,7 +644,7 @@ def main() -> None:
     if args.phase_s is not None:
         overrides["phase_s"] = args.phase_s
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
-    command = shlex.join([".venv/bin/python", "benchmarks/serving.py", *sys.argv[1:]])
+    command = shlex.join([".venv/bin/python", "benchmarks/bench_serving.py", *sys.argv[1:]])
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_serving_")))
         work.mkdir(parents=True, exist_ok=True)
