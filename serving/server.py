@@ -103,24 +103,14 @@ class Job:
     req: pb.RankRequest
 
 
-def rank(loaded: LoadedModel, req: pb.RankRequest, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> pb.RankResponse:
-    """Score and order one request with one model snapshot (blocking; CPU-bound).
-
-    Raises:
-        ValueError: a malformed request (``DecodeError``), features the transform rejects, or an
-            unknown objective / negative weight; the message names the field.
-    """
-    decoded = decode_request(req, loaded.model.fitted, max_candidates)
-    scores = loaded.model.score_request(decoded.user, decoded.context, decoded.candidates)  # task -> (C,)
-    return respond(loaded, req, decoded, scores)
-
-
 def rank_batch(jobs: list[Job], max_candidates: int = DEFAULT_MAX_CANDIDATES) -> list[pb.RankResponse | Exception]:
-    """:func:`rank` for several requests with one forward pass per model snapshot (blocking).
+    """Score and order requests, one forward pass per model snapshot (blocking; CPU-bound).
 
-    A request that fails to decode or to combine gets its own exception in its slot; the others
-    are answered. If the shared forward raises (a request the transform rejects), the exception
-    propagates and the batcher ranks the requests one by one, so only that request fails.
+    Every error names the field: a malformed request (``DecodeError``), features the transform
+    rejects, an unknown objective or a negative weight (``ValueError``). A request that fails to
+    decode or to combine gets its own exception in its slot; the others are answered. If the
+    shared forward raises (a request the transform rejects), the exception propagates and the
+    batcher ranks the requests one by one, so only that request fails.
     """
     out: list[pb.RankResponse | Exception | None] = [None] * len(jobs)
     decoded: dict[int, DecodedRequest] = {}
