@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -60,7 +61,8 @@ def scan_log(path: str | Path) -> pl.LazyFrame:
     return pl.scan_parquet(log_files(path), hive_partitioning=False)
 
 
-def _day(spec: FeatureSpec) -> pl.Expr | None:
+def day_expr(spec: FeatureSpec) -> pl.Expr | None:
+    """Each row's day (``pl.Date``) by the spec's date column or timestamp key; ``None`` when it has neither."""
     s = spec.split
     if s.date_column is not None:
         return pl.col(s.date_column).cast(pl.Date)
@@ -76,7 +78,7 @@ def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = Non
         if train_end is not None:
             raise ValueError(f"--train-end does not apply: dataset {spec.name!r} has a fixed split column")
         return pl.col(s.column).cast(pl.String)
-    day = _day(spec)
+    day = day_expr(spec)
     if day is None:
         raise ValueError(f"split kind {s.kind!r} needs a timestamp key or split.date_column")
     if s.kind == "last_days":
@@ -96,17 +98,27 @@ def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = Non
 
 
 def build(
-    source: str | Path | pl.LazyFrame, spec: FeatureSpec, out: str | Path, train_end: date | None = None
+    source: str | Path | Sequence[Path] | pl.LazyFrame,
+    spec: FeatureSpec,
+    out: str | Path,
+    train_end: date | None = None,
 ) -> BuildSummary:
     """Validate (quarantine), split, fit on the training rows only, transform and write every split.
 
-    A path source is read partition by partition (one Parquet file at a time) for the checking
-    pass, so memory stays bounded by the largest partition; duplicate keys are then detected
-    within a partition. A LazyFrame source is checked as a whole.
+    A path source (a file, a folder, or a list of partition files) is read partition by partition
+    (one Parquet file at a time) for the checking pass, so memory stays bounded by the largest
+    partition; duplicate keys are then detected within a partition. A LazyFrame source is checked as a whole.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [source] if isinstance(source, pl.LazyFrame) else [pl.scan_parquet(f) for f in log_files(source)]
+    if isinstance(source, pl.LazyFrame):
+        parts = [source]
+    else:
+        files = [Path(f) for f in source] if isinstance(source, Sequence) and not isinstance(source, str) else (
+            log_files(source))
+        if not files:
+            raise ValueError("no input files given")
+        parts = [pl.scan_parquet(f) for f in files]
     whole = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
     split = split_expr(whole, spec, train_end)
     # One streaming pass per partition checks every row and names its split; the rest reads it back.
@@ -148,7 +160,7 @@ def _build_from_staged(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> Bu
     fitted.save(out / "transform.json")
 
     rows, rates, windows = {}, {}, {}
-    day = _day(spec)
+    day = day_expr(spec)
     for name in SPLITS:
         part = good.filter(pl.col(SPLIT) == name)
         path = out / f"{name}.parquet"

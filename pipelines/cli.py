@@ -17,8 +17,11 @@ import typer
 app = typer.Typer(help="MMoE multi-task ranker: data, features, training, serving.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 features_app = typer.Typer(help="Feature pipelines.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="Scheduled training: ingest, train, evaluate against the champion, promote.",
+                            no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+app.add_typer(pipeline_app, name="pipeline")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,9 +31,11 @@ def friendly(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipelines.lock import PipelineBusy
+
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        except (ValueError, FileNotFoundError, KeyError, PipelineBusy) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
@@ -291,6 +296,83 @@ def _read_request(path: Path | None) -> Any:
         raise ValueError(f"request file {str(path)!r} is not valid JSON: {e}") from None
     except KeyError as e:
         raise ValueError(f"request file {str(path)!r} lacks field {e}") from None
+
+
+def _pipeline_config(config: str, workdir: Path | None = None, tracking_uri: str | None = None) -> Any:
+    from pipelines.config import bundled_config, load_pipeline_config
+
+    path = Path(config)
+    if not path.is_file() and "/" not in config and not config.endswith((".yaml", ".yml")):
+        path = bundled_config(config)  # `--config synthetic` names a bundled file
+    return load_pipeline_config(path, workdir=workdir, tracking_uri=tracking_uri)
+
+
+@pipeline_app.command("run")
+@friendly
+def pipeline_run(
+    config: Annotated[str, typer.Option(help="Pipeline YAML, or the name of a bundled one (synthetic, kuairand).")],
+    as_of: Annotated[str | None, typer.Option(help="Run for this day YYYY-MM-DD (default: newest day of data).")]
+    = None,
+    force: Annotated[bool, typer.Option(help="Run again even if this day is already done.")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="Override the config's workdir.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="Override the config's MLflow URI.")] = None,
+) -> None:
+    """Ingest -> validate -> features -> train -> evaluate vs champion -> register -> promote -> report.
+
+    Re-running a day already done is a no-op (unless --force); an interrupted run resumes where it stopped.
+    """
+    from pipelines.pipeline import run_pipeline
+
+    _setup_logging()
+    day = None
+    if as_of is not None:
+        try:
+            day = date.fromisoformat(as_of)
+        except ValueError:
+            raise ValueError(f"--as-of must be YYYY-MM-DD, got {as_of!r}") from None
+    result = run_pipeline(_pipeline_config(config, workdir, tracking_uri), as_of=day, force=force)
+    typer.echo(result.message)
+    if result.status == "done":
+        typer.echo(f"report: {result.report}")
+        typer.echo(f"MLflow parent run {result.parent_run_id}; version {result.version}; "
+                   f"promoted: {'yes' if result.promoted else 'no'}")
+
+
+@pipeline_app.command("schedule")
+@friendly
+def pipeline_schedule(
+    config: Annotated[str, typer.Option(help="Pipeline YAML, or the name of a bundled one.")],
+    cron: Annotated[str, typer.Option(help="5-field crontab expression, e.g. '0 3 * * *'.")],
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron expression.")] = "UTC",
+    misfire_grace_s: Annotated[int, typer.Option(help="Catch up a run missed by at most this many seconds.")] = (
+        6 * 3600
+    ),
+    run_now: Annotated[bool, typer.Option(help="Also run once right away.")] = False,
+    jobstore_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the job store "
+                                                          "(default: sqlite in the pipeline's workdir).")] = None,
+) -> None:
+    """Run the pipeline on a cron schedule until SIGINT/SIGTERM; missed runs are caught up once, never overlapped."""
+    from pipelines.schedule import ScheduleConfig, run_schedule
+
+    _setup_logging()
+    path = Path(config)
+    if not path.is_file():
+        from pipelines.config import bundled_config
+
+        path = bundled_config(config)
+    run_schedule(ScheduleConfig(config_path=path, cron=cron, jobstore_url=jobstore_url,
+                                misfire_grace_s=misfire_grace_s, run_now=run_now, timezone=timezone))
+
+
+@pipeline_app.command("show")
+@friendly
+def pipeline_show(
+    config: Annotated[str, typer.Option(help="Pipeline YAML, or the name of a bundled one.")],
+) -> None:
+    """Print the effective configuration (environment expanded, paths resolved)."""
+    from pipelines.pipeline import dump_config
+
+    typer.echo(dump_config(_pipeline_config(config)))
 
 
 @app.command("demo")

@@ -71,3 +71,33 @@ def register_artifact(
 
 def set_tracking(uri: str) -> None:
     mlflow.set_tracking_uri(check_tracking_uri(uri))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> str:
+    """Fail fast, before any work, when the tracking store cannot be used.
+
+    An ``http(s)`` server must answer ``GET /health``; a sqlite store's folder is created if
+    missing and the store is opened once.
+
+    Raises:
+        ValueError: a file store, an unreachable server or an unusable database, naming the URI.
+    """
+    import requests
+
+    uri = check_tracking_uri(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            r = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        except requests.RequestException as e:
+            raise ValueError(f"MLflow tracking server {uri!r} is unreachable: {type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise ValueError(f"MLflow tracking server {uri!r} answered /health with HTTP {r.status_code}")
+        return uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # any failure here means the store is unusable
+        raise ValueError(f"MLflow tracking store {uri!r} cannot be opened: {type(e).__name__}: {e}") from None
+    return uri

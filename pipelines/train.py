@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 
 from pipelines.plots import gate_heatmap
 from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
-from ranking.artifact import build_model, export_artifact
+from ranking.artifact import build_model, export_artifact, warm_start
 from ranking.config import ModelConfig
 from ranking.data import RankingDataModule, load_features
 from ranking.evaluate import evaluate, split_table
@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     accelerator: str = "auto"
     devices: int | str = 1
+    num_nodes: int = 1  # multi-node DDP: launch one process per device on every node (torchrun, SLURM)
     strategy: str = "auto"  # "ddp" (gloo on CPU, nccl on GPU) or "torchrec" (sharded embedding tables)
     sharding_type: str | None = None  # torchrec: force table_wise, row_wise, ...; None = TorchRec's planner
     embedding_optimizer: str = "rowwise_adagrad"  # torchrec: fused optimizer of the tables
@@ -62,6 +63,9 @@ class TrainConfig:
     alias: str | None = "champion"
     limit_train_batches: int | float = 1.0
     progress_bar: bool = True
+    init_from: Path | None = None  # warm start: an inference artifact folder (e.g. the champion's)
+    run_name: str | None = None
+    run_tags: dict[str, str] = field(default_factory=dict)  # e.g. mlflow.parentRunId of a pipeline run
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ class TrainResult:
     seconds: float
     best_epoch: int | None = None
     primary: bool = True  # False on the non-zero ranks of a distributed run (they log and export nothing)
+
+
+INTERNAL_FIELDS = {"features", "out", "tracking_uri", "model_overrides", "init_from", "run_name", "run_tags"}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -112,7 +119,7 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     model = data.pop("model_config", {}) or {}
-    known = {f.name for f in fields(TrainConfig)} - {"features", "out", "tracking_uri", "model_overrides"}
+    known = {f.name for f in fields(TrainConfig)} - INTERNAL_FIELDS
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown training field(s) {unknown} in {str(path)!r}; known: {sorted(known)}")
@@ -167,7 +174,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     fitted = load_features(cfg.features)
     mconf = ModelConfig.from_fitted(fitted, model=cfg.model, **cfg.model_overrides)
     data = RankingDataModule(cfg.features, mconf, cfg.batch_size, cfg.seed)
-    module = RankingModule(build_model(mconf), mconf, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    network = build_model(mconf)
+    if cfg.init_from is not None:
+        copied = warm_start(network, fitted, cfg.init_from)
+        log.info("warm start from %s: %s", cfg.init_from, copied)
+    module = RankingModule(network, mconf, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            loss_weighting=cfg.loss_weighting, seed=cfg.seed, embedding_lr=cfg.embedding_lr,
                            embedding_weight_decay=cfg.embedding_weight_decay, embedding_l2=cfg.embedding_l2)
 
@@ -178,6 +189,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_id_file = out / "mlflow_run_id"
     resuming = cfg.resume and last.is_file()
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
+                          run_name=cfg.run_name, tags=dict(cfg.run_tags) or None,
                           run_id=run_id_file.read_text().strip() if resuming and run_id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
@@ -185,7 +197,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not resuming:
         logger.log_hyperparams(
             {
-                **{f"train.{k}": v for k, v in asdict(cfg).items() if k != "model_overrides"},
+                **{f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("model_overrides", "run_tags")},
                 **{f"model.{k}": v for k, v in mconf.to_dict().items() if k not in ("sparse", "tasks")},
                 "data.transform_hash": fitted.content_hash,
                 "data.train_window": f"{fitted.window.get('start')}..{fitted.window.get('end')}",
@@ -202,6 +214,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
         strategy=_strategy(cfg),
         precision=_precision(cfg.accelerator, cfg.precision),  # type: ignore[arg-type]
         logger=logger,

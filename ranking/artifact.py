@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,60 @@ def load_artifact(path: str | Path) -> tuple[RankingModel, ModelConfig, FittedTr
         raise ValueError(f"weights in {str(path)!r} do not match model_config.json: {e}") from None
     model.eval()
     return model, config, fitted, meta
+
+
+_TABLE = re.compile(r"(?:^|\.)t_(?P<feature>[A-Za-z0-9_]+)\.weight$")
+
+
+@torch.no_grad()
+def warm_start(model: torch.nn.Module, fitted: FittedTransform, artifact: str | Path) -> dict[str, int]:
+    """Initialise ``model`` (built for ``fitted``) from an earlier artifact's weights, in place.
+
+    A new training window refits the vocabularies, so the same raw id can sit in a different
+    embedding row. Embedding rows are therefore matched by raw value: row ``i`` of the new table
+    of a vocabulary feature takes the old row of the same value (the out-of-vocabulary row 0 takes
+    the old row 0); values the old window never saw keep their fresh initialisation. Every other
+    tensor (hashed or bucketed tables, dense layers) is copied when its shape is unchanged.
+
+    Args:
+        model: the freshly built network for ``fitted``.
+        fitted: the new window's fitted transform.
+        artifact: folder of the earlier inference artifact (e.g. the champion's).
+
+    Returns:
+        counts: ``tensors`` copied whole, ``tables`` remapped, ``rows`` matched by value,
+        ``skipped`` tensors whose shapes differ.
+    """
+    old_model, _, old_fitted, _ = load_artifact(artifact)
+    old = old_model.state_dict()
+    new = model.state_dict()
+    counts = {"tensors": 0, "tables": 0, "rows": 0, "skipped": 0}
+    for key, value in new.items():
+        if key not in old:
+            counts["skipped"] += 1
+            continue
+        source = old[key]
+        match = _TABLE.search(key)
+        feature = match.group("feature") if match else None
+        if (
+            feature is not None
+            and feature in fitted.vocabs
+            and feature in old_fitted.vocabs
+            and value.dim() == 2
+            and source.dim() == 2
+            and source.shape[1] == value.shape[1]
+        ):
+            index = {v: i + 1 for i, v in enumerate(old_fitted.vocabs[feature].values)}
+            rows = torch.tensor([index.get(v, -1) for v in fitted.vocabs[feature].values], dtype=torch.long)
+            hit = (rows >= 0).nonzero().squeeze(1)  # (H,) new rows - 1 whose value the old table has
+            value[0] = source[0]
+            value[hit + 1] = source[rows[hit]].to(value.dtype)
+            counts["tables"] += 1
+            counts["rows"] += int(hit.numel())
+        elif source.shape == value.shape:
+            value.copy_(source)
+            counts["tensors"] += 1
+        else:
+            counts["skipped"] += 1
+    model.load_state_dict(new)
+    return counts

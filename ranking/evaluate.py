@@ -34,13 +34,17 @@ def split_table(features_dir: str | Path, split: str, config: ModelConfig, fitte
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix: str,
-             batch_size: int = 16_384, ndcg_k: int = 10) -> dict[str, float]:
+             batch_size: int = 16_384, ndcg_k: int = 10,
+             keep: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None) -> dict[str, float]:
     """Metrics ``<prefix>/<task>/<metric>`` over the whole table.
 
     Task metrics score logged labels, so the position-bias tower is applied (it models how the
     log was produced). Ranking metrics score what serving would do, without position:
     ``<prefix>/combined/ndcg@k`` against the first binary task's label per request, and
     ``<prefix>/true/ndcg@k`` against ``true_relevance`` when the data has it.
+
+    ``keep``, when given, receives per task the ``(prediction, label, mask)`` tensors of every
+    batch (for plots such as ROC and calibration curves).
     """
     was_training = model.training
     model.eval()
@@ -54,6 +58,9 @@ def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix:
         preds = {t.name: torch.sigmoid(out.logits[t.name].float()) if t.type == "binary" else out.logits[t.name]
                  for t in config.tasks}
         metrics.update(preds, b.labels, b.masks, b.extra.get("user"))
+        if keep is not None:
+            for t in config.tasks:
+                keep.setdefault(t.name, []).append((preds[t.name].float(), b.labels[t.name], b.masks[t.name]))
         if "request" in b.extra and first_binary is not None:
             served = model(b.sparse, b.dense, None) if b.position is not None else out
             ranking["request"].append(b.extra["request"])

@@ -1,0 +1,157 @@
+"""Challenger against champion: the same holdout rows, each model through its own fitted transform, and the gates.
+
+Each artifact carries the transform fitted on its own training window, so the holdout's raw
+rows go through the challenger's transform for the challenger and the champion's for the
+champion: exactly what serving would do with either model on those impressions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import polars as pl
+import torch
+from torchmetrics.functional.classification import binary_roc
+
+from features.validate import REASON, with_reason
+from pipelines.config import GateConfig
+from ranking.artifact import load_artifact
+from ranking.batch import FeatureTable
+from ranking.evaluate import evaluate
+
+PREFIX = "holdout"
+Kept = dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class HoldoutScore:
+    """One model on the holdout: ``holdout/<task>/<metric>`` metrics and per-task predictions for plots."""
+
+    metrics: dict[str, float]
+    predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]  # task -> (p, y) where the label is present
+    rows: int
+    task_types: dict[str, str]
+
+
+def score_holdout(artifact: str | Path, files: list[Path]) -> HoldoutScore:
+    """Transform the raw holdout ``files`` with the artifact's own fitted transform and score every metric.
+
+    Rows the artifact's spec rejects (the quarantine rules) are left out, as training left them out.
+    """
+    model, config, fitted, _ = load_artifact(artifact)
+    raw = pl.concat([pl.scan_parquet(f) for f in files], how="vertical_relaxed")
+    good = with_reason(raw, fitted.spec).filter(pl.col(REASON).is_null()).drop(REASON)
+    frame = fitted.transform(good).collect()
+    if frame.height == 0:
+        raise ValueError(f"holdout {[str(f) for f in files]} has no valid rows")
+    keys = fitted.spec.keys
+    extra = {"user": keys.user, "request": keys.request, "true_relevance": "true_relevance"}
+    table = FeatureTable(frame, config, {k: v for k, v in extra.items() if v is not None and v in frame.columns})
+    kept: Kept = {}
+    metrics = evaluate(model, table, config, PREFIX, keep=kept)
+    predictions = {}
+    for task, parts in kept.items():
+        p = torch.cat([x[0] for x in parts])
+        y = torch.cat([x[1] for x in parts])
+        m = torch.cat([x[2] for x in parts])
+        predictions[task] = (p[m], y[m])
+    return HoldoutScore(metrics, predictions, frame.height, {t.name: t.type for t in config.tasks})
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One promotion rule, evaluated: passes when ``margin >= 0``."""
+
+    name: str
+    task: str
+    metric: str
+    challenger: float
+    champion: float | None
+    threshold: float | None  # the value the challenger had to reach
+    margin: float  # challenger - threshold (how far above, or below when negative)
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _metric_for(task_type: str, gates: GateConfig) -> str:
+    return gates.binary_metric if task_type == "binary" else gates.regression_metric
+
+
+def check_gates(
+    challenger: dict[str, float], champion: dict[str, float] | None, task_types: dict[str, str], gates: GateConfig
+) -> list[GateCheck]:
+    """Evaluate the configured gates; an absent champion passes by definition (first model).
+
+    A NaN metric on either side fails its gate: a model the holdout cannot score is not promoted
+    on faith.
+
+    Example:
+        >>> g = GateConfig(primary="click", primary_min_gain=0.0, max_drop=0.01)
+        >>> checks = check_gates({"holdout/click/auc": 0.71, "holdout/like/auc": 0.60},
+        ...                      {"holdout/click/auc": 0.70, "holdout/like/auc": 0.62},
+        ...                      {"click": "binary", "like": "binary"}, g)
+        >>> [(c.name, c.task, c.passed, round(c.margin, 3)) for c in checks]
+        [('primary', 'click', True, 0.01), ('max_drop', 'click', True, 0.02), ('max_drop', 'like', False, -0.01)]
+    """
+    if gates.primary not in task_types:
+        raise ValueError(f"gates.primary {gates.primary!r} is not a task of the model; tasks: {sorted(task_types)}")
+    if champion is None:
+        return [GateCheck("no_champion", "*", "-", math.nan, None, None, 0.0, True)]
+    checks = []
+    metric = _metric_for(task_types[gates.primary], gates)
+    key = f"{PREFIX}/{gates.primary}/{metric}"
+    ch, cp = challenger.get(key, math.nan), champion.get(key, math.nan)
+    need = cp + gates.primary_min_gain
+    checks.append(GateCheck("primary", gates.primary, metric, ch, cp, need, ch - need, ch >= need))
+    for task, kind in task_types.items():
+        metric = _metric_for(kind, gates)
+        key = f"{PREFIX}/{task}/{metric}"
+        ch, cp = challenger.get(key, math.nan), champion.get(key, math.nan)
+        need = cp - gates.max_drop
+        checks.append(GateCheck("max_drop", task, metric, ch, cp, need, ch - need, ch >= need))
+    return checks
+
+
+def roc_and_calibration(
+    task: str, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, bins: int = 10
+) -> Path:
+    """One PNG per binary task: ROC curves and a reliability diagram (equal-count bins) per model.
+
+    Args:
+        scores: model label ("challenger", "champion") -> (predictions (N,), labels (N,)).
+    """
+    fig, (roc_ax, cal_ax) = plt.subplots(1, 2, figsize=(9, 4))
+    top = 0.0
+    for label, (p, y) in scores.items():
+        if p.numel() == 0 or y.min() == y.max():
+            continue
+        fpr, tpr, _ = binary_roc(p, y.long())
+        roc_ax.plot(fpr.numpy(), tpr.numpy(), label=label)
+        order = torch.argsort(p)
+        chunks = [c for c in torch.tensor_split(order, bins) if c.numel()]
+        mean_p = torch.stack([p[c].mean() for c in chunks]).numpy()
+        mean_y = torch.stack([y[c].float().mean() for c in chunks]).numpy()
+        cal_ax.plot(mean_p, mean_y, marker="o", label=label)
+        top = max(top, float(mean_p.max()), float(mean_y.max()))
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC (holdout)")
+    top = top or 1.0
+    cal_ax.plot([0, top], [0, top], color="grey", linestyle=":")
+    cal_ax.set(xlabel="mean prediction", ylabel="observed rate", title=f"{task}: calibration ({bins} bins)")
+    roc_ax.legend(loc="lower right")
+    cal_ax.legend(loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
