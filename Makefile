@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 TORCH_STACK := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 
-.PHONY: setup demo test lint typecheck protos clean
+.PHONY: setup demo test lint typecheck protos clean mlflow-ui
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 
 demo: setup
 	$(VENV)/bin/ranker demo --workdir .demo
+
+# The MLflow UI over the project's store (.mlflow/, or MLFLOW_TRACKING_URI) on 127.0.0.1:5000 (MLFLOW_UI_PORT).
+mlflow-ui: setup
+	$(PY) -m pipelines.ui
 
 test: setup
 	$(VENV)/bin/lint-imports

@@ -48,7 +48,10 @@ def ensure_experiment(uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
-    return str(client.create_experiment(name, artifact_location=artifact_location(uri)))
+    # The kind tag makes the MLflow UI open the experiment on its runs table (MLflow 3 otherwise
+    # opens a GenAI overview for experiments without it).
+    return str(client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags={"mlflow.experimentKind": "custom_model_development"}))
 
 
 def register_artifact(

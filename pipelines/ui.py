@@ -1,0 +1,173 @@
+"""The MLflow UI over the project's store: the ``mlflow server`` command line and a managed server process.
+
+``make mlflow-ui`` runs ``python -m pipelines.ui``, which replaces itself with ``mlflow server`` on
+127.0.0.1:5000 (``MLFLOW_UI_PORT`` changes the port) over ``default_tracking_uri()``. Tests use
+:func:`running_mlflow_server` to start the same server on a free port and talk to its REST API.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipelines.tracking import artifact_location, default_tracking_uri
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+# The server's job runner (a supervisor plus seven huey consumers) serves GenAI features such as LLM
+# judges; tracking runs and the registry need none of it, and on a small machine it doubles start time.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_env() -> dict[str, str]:
+    """This process's environment plus :data:`SERVER_ENV`; a variable the user set wins."""
+    return {**SERVER_ENV, **os.environ}
+
+
+def mlflow_server_command(tracking_uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> list[str]:
+    """The ``mlflow server`` argv serving the UI and REST API over a local sqlite store.
+
+    New experiments created through the server put their artifacts in the ``artifacts/`` folder beside
+    the database, the same place :func:`pipelines.tracking.artifact_location` gives the library; runs
+    logged by the library keep their ``file://`` artifact URIs, which the server reads directly.
+
+    Args:
+        tracking_uri: ``sqlite:///path/to/mlflow.db``; a remote store already has a server of its own.
+        host: interface to bind; the default accepts connections from this machine only.
+        port: TCP port; 0 is refused here (see :func:`running_mlflow_server`, which picks a free one).
+
+    Returns:
+        The argument vector, starting with the ``mlflow`` executable of this interpreter's environment.
+
+    Example:
+        >>> mlflow_server_command("sqlite:////tmp/s/mlflow.db", port=5001)[-6:]
+        ['--host', '127.0.0.1', '--port', '5001', '--workers', '1']
+    """
+    artifacts = artifact_location(tracking_uri)  # None unless sqlite:///
+    if artifacts is None or tracking_uri == "sqlite:///":
+        raise ValueError(
+            f"mlflow-ui serves a local sqlite store (sqlite:///path/to/mlflow.db), got {tracking_uri!r}; "
+            "open a remote tracking server's own URL instead"
+        )
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    return [
+        _mlflow_executable(), "server",
+        "--backend-store-uri", tracking_uri,
+        "--default-artifact-root", artifacts,
+        "--host", host,
+        "--port", str(port),
+        "--workers", "1",  # one process starts in seconds and is plenty for one person's browser
+    ]
+
+
+def _mlflow_executable() -> str:
+    """``mlflow`` beside this interpreter (the venv's), else whichever is on ``PATH``."""
+    beside = Path(sys.executable).parent / "mlflow"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("mlflow")
+    if found is None:
+        raise RuntimeError("the mlflow executable is not installed (pip install mlflow)")
+    return found
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port nobody listens on right now (the OS's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@contextmanager
+def running_mlflow_server(
+    tracking_uri: str, host: str = DEFAULT_HOST, port: int = 0, timeout_s: float = 60
+) -> Iterator[str]:
+    """Run ``mlflow server`` over ``tracking_uri`` as a child process for the duration of the block.
+
+    Args:
+        tracking_uri: ``sqlite:///path/to/mlflow.db``.
+        host: interface to bind.
+        port: TCP port; 0 picks a free one.
+        timeout_s: how long to wait for ``GET /health`` to answer 200 before giving up.
+
+    Yields:
+        The server's base URL, e.g. ``http://127.0.0.1:5000``.
+
+    Raises:
+        RuntimeError: the server exited or did not become healthy in time (its output is in the message).
+    """
+    port = port or free_port(host)
+    cmd = mlflow_server_command(tracking_uri, host, port)
+    url = f"http://{host}:{port}"
+    with tempfile.TemporaryFile() as output:
+        # A session of its own, so that stopping it stops the uvicorn workers it spawns too.
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=server_env(),
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    output.seek(0)
+                    tail = output.read().decode(errors="replace")[-4000:]
+                    state = f"exited with {proc.returncode}" if proc.returncode is not None else (
+                        f"not healthy after {timeout_s:g}s")
+                    raise RuntimeError(f"mlflow server at {url} {state}:\n{tail}")
+                time.sleep(0.25)
+            yield url
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
+    """SIGTERM the server's process group (the CLI and its uvicorn child), SIGKILL what outlives ``grace_s``."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or the group never looks empty
+        if not _signal_group(proc.pid, 0):
+            break
+        time.sleep(0.1)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the process group; False when no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main() -> None:
+    """``make mlflow-ui``: become ``mlflow server`` over the project's store (Ctrl-C stops it)."""
+    uri = default_tracking_uri()  # creates .mlflow/ for the default store
+    port = int(os.environ.get("MLFLOW_UI_PORT", DEFAULT_PORT))
+    cmd = mlflow_server_command(uri, port=port)
+    print(f"MLflow UI: http://{DEFAULT_HOST}:{port}  (store {uri})", flush=True)
+    os.execve(cmd[0], cmd, server_env())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""`make mlflow-ui`'s server over a real store: its REST API and, with chromium installed, its web page."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from pipelines import ui
+from pipelines.ui import mlflow_server_command, running_mlflow_server
+from tests.pipelines.conftest import Nights
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@dataclass(frozen=True)
+class TrackedStore:
+    """What the UI should show: a pipeline run (parent) whose train step's model is the champion."""
+
+    tracking_uri: str
+    experiment_name: str
+    parent_id: str
+    run_name: str  # the parent run's name, listed on the experiment page
+    run_id: str  # the train step's child run: per-epoch metrics, gate heatmaps, the model
+    model_name: str
+    version: str
+
+
+@pytest.fixture(scope="module")
+def tracked_store(nights: Nights) -> TrackedStore:
+    """The store of the two pipeline nights (tests/pipelines/conftest.py)."""
+    uri = nights.tracking_uri
+    client = MlflowClient(uri, uri)
+    parent = client.get_run(nights.first.parent_run_id or "")
+    [train_run] = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.run_name = 'train'")
+    assert nights.first.version is not None
+    return TrackedStore(uri, nights.lenient.experiment, parent.info.run_id, str(parent.info.run_name),
+                        train_run.info.run_id, nights.lenient.model_name, nights.first.version)
+
+
+@pytest.fixture(scope="module")
+def server(tracked_store: TrackedStore) -> Iterator[str]:
+    with running_mlflow_server(tracked_store.tracking_uri) as url:
+        yield url
+
+
+def _get(url: str, endpoint: str, **params: str) -> dict:
+    resp = requests.get(f"{url}{endpoint}", params=params, timeout=30)
+    assert resp.status_code == 200, f"GET {endpoint} {params}: {resp.status_code} {resp.text[:500]}"
+    return resp.json()
+
+
+def test_rest_api_serves_runs_metrics_artifacts_and_champion(server: str, tracked_store: TrackedStore) -> None:
+    s = tracked_store
+    exp = _get(server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=s.experiment_name)["experiment"]
+
+    resp = requests.post(f"{server}/api/2.0/mlflow/runs/search", json={"experiment_ids": [exp["experiment_id"]]},
+                         timeout=30)
+    assert resp.status_code == 200, resp.text[:500]
+    runs = {r["info"]["run_id"]: r["info"] for r in resp.json().get("runs", [])}
+    assert s.parent_id in runs and runs[s.parent_id]["run_name"] == s.run_name
+    assert s.run_id in runs and runs[s.run_id]["run_name"] == "train"
+
+    history = _get(server, "/api/2.0/mlflow/metrics/get-history", run_id=s.run_id, metric_key="val/click/auc")
+    assert len(history["metrics"]) == 1, history  # one point per epoch (the pipeline test trains 1 epoch)
+    assert all(0.0 < m["value"] <= 1.0 for m in history["metrics"])
+
+    listed = _get(server, "/api/2.0/mlflow/artifacts/list", run_id=s.run_id)
+    assert {"model", "gates"} <= {f["path"] for f in listed["files"]}, listed
+    gates = _get(server, "/api/2.0/mlflow/artifacts/list", run_id=s.run_id, path="gates")
+    assert any(f["path"].endswith(".png") for f in gates["files"]), gates
+    meta = requests.get(f"{server}/get-artifact", params={"path": "model/metadata.json", "run_uuid": s.run_id},
+                        timeout=30)
+    assert meta.status_code == 200, meta.text[:500]
+    assert json.loads(meta.content)["run_id"] == s.run_id
+
+    report = requests.get(f"{server}/get-artifact", params={"path": "report.md", "run_uuid": s.parent_id},
+                          timeout=30)
+    assert report.status_code == 200 and report.text.startswith("# Pipeline `nightly`: as of 2026-01-07")
+
+    champion = _get(server, "/api/2.0/mlflow/registered-models/alias", name=s.model_name, alias="champion")
+    assert champion["model_version"]["version"] == s.version
+    assert champion["model_version"]["run_id"] == s.run_id
+
+    # The host check lets a browser on this machine in by either name.
+    local = server.replace("127.0.0.1", "localhost")
+    assert requests.get(f"{local}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_experiment_page_lists_the_run_in_a_headless_browser(
+    server: str, tracked_store: TrackedStore, tmp_path: Path
+) -> None:
+    assert CHROMIUM is not None
+    exp = _get(server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=tracked_store.experiment_name)
+    page = f"{server}/#/experiments/{exp['experiment']['experiment_id']}/runs"  # the experiment's runs table
+    dom = ""
+    for attempt in range(2):  # a loaded machine can outlast the first virtual-time budget
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / f'profile{attempt}'}", "--virtual-time-budget=30000", "--dump-dom", page],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        dom = proc.stdout
+        if tracked_store.run_name in dom:
+            break
+    assert tracked_store.run_name in dom, (
+        f"run {tracked_store.run_name!r} not listed on {page}; chromium exited {proc.returncode}, rendered:\n"
+        f"{dom[:2000]}\n{proc.stderr[-1000:]}"
+    )
+
+
+@pytest.mark.parametrize("uri", ["http://mlflow.internal:5000", "file:///tmp/mlruns", "postgresql://db/mlflow"])
+def test_server_command_refuses_a_store_it_cannot_serve(uri: str) -> None:
+    with pytest.raises(ValueError, match=uri.replace(".", r"\.")):
+        mlflow_server_command(uri)
+
+
+def test_server_command_keeps_artifacts_beside_the_database(tmp_path: Path) -> None:
+    cmd = mlflow_server_command(f"sqlite:///{tmp_path / 'mlflow.db'}", port=5001)
+    assert cmd[1] == "server"
+    assert cmd[cmd.index("--default-artifact-root") + 1] == (tmp_path / "artifacts").as_uri()
+    assert cmd[cmd.index("--port") + 1] == "5001"
+
+
+def test_make_target_serves_the_configured_store_on_the_configured_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(ui.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_UI_PORT", "5077")
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    ui.main()
+    [(path, argv, env)] = calls
+    assert path == argv[0] and argv[1] == "server"
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5077"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
