@@ -378,19 +378,16 @@ def pipeline_show(
 @app.command("demo")
 @friendly
 def demo_cmd(
-    workdir: Annotated[Path, typer.Option(help="Scratch folder for data, features and runs.")] = Path(".demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
-    days: Annotated[int, typer.Option(help="Synthetic days.")] = 7,
-    requests_per_day: Annotated[int, typer.Option(help="Synthetic requests per day.")] = 3000,
+    workdir: Annotated[Path, typer.Option(help="Folder for the pipeline's landing data, lake and runs.")] = Path(
+        ".demo"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
 ) -> None:
-    """The whole path: synth -> features -> train -> register -> serve -> one Rank call -> stop."""
+    """The whole path: `ranker pipeline run --config synthetic`, then serve the champion and rank once."""
     from pipelines.demo import DemoConfig, run_demo
     from pipelines.tracking import default_tracking_uri
 
     _setup_logging()
-    run_demo(DemoConfig(workdir=workdir, epochs=epochs, days=days, requests_per_day=requests_per_day,
-                        tracking_uri=tracking_uri or default_tracking_uri()))
+    run_demo(DemoConfig(workdir=workdir, tracking_uri=tracking_uri or default_tracking_uri()))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import signal
 import subprocess
 import sys
@@ -14,21 +14,14 @@ from pathlib import Path
 
 import typer
 
-from features.build import build
 from features.spec import load_spec
-from features.synthetic import config_with, write_log
 from pipelines.requests import request_from_log
-from pipelines.train import TrainConfig, train
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     workdir: Path
     tracking_uri: str
-    epochs: int = 2
-    days: int = 7
-    requests_per_day: int = 3000
-    seed: int = 0
     model_name: str = "ranker"
     startup_timeout_s: float = 120.0
 
@@ -66,44 +59,37 @@ def running_server(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: 
 
 
 def run_demo(cfg: DemoConfig) -> None:
+    """``ranker pipeline run --config synthetic`` (into ``workdir``), then serve the champion and rank once.
+
+    Running it again is cheap: the pipeline sees the day is done (a no-op) and the demo serves the
+    champion it registered before.
+    """
     from serving.client import RankerClient, format_ranking
 
     total = time.perf_counter()
-    work = cfg.workdir
-    for sub in ("log", "features", "run"):
-        shutil.rmtree(work / sub, ignore_errors=True)
+    work = cfg.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     spec = load_spec("synthetic")
+    env = {**os.environ, "RANKER_PIPELINE_ROOT": str(work), "MLFLOW_TRACKING_URI": cfg.tracking_uri}
 
-    t = _step("1/5 synthetic impression log")
-    synth = config_with(days=cfg.days, requests_per_day=cfg.requests_per_day, seed=cfg.seed)
-    write_log(synth, work / "log")
-    rows = synth.days * synth.requests_per_day * synth.slate_size
-    typer.echo(f"{rows} impressions, {synth.days} days -> {work / 'log'} ({time.perf_counter() - t:.1f}s)")
-
-    t = _step("2/5 features (Polars: fit on the training days, transform both splits)")
-    summary = build(work / "log", spec, work / "features")
-    typer.echo(f"rows {summary.rows}; label means (train) {summary.label_rates['train']}")
+    t = _step("1/3 ranker pipeline run --config synthetic (synthetic log -> lake -> Polars features -> MMoE under "
+              "Lightning with TorchRec -> holdout vs champion -> MLflow registry)")
+    cmd = [sys.executable, "-m", "pipelines", "pipeline", "run", "--config", "synthetic"]
+    subprocess.run(cmd, env=env, check=True)
     typer.echo(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("3/5 train MMoE (Lightning, TorchRec), log to MLflow, register")
-    result = train(TrainConfig(features=work / "features", out=work / "run", tracking_uri=cfg.tracking_uri,
-                               epochs=cfg.epochs, seed=cfg.seed, register_as=cfg.model_name))
-    val = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/") and "/loss" not in k}
-    typer.echo(f"validation {val}")
-    typer.echo(f"MLflow run {result.run_id}; registered {cfg.model_name} v{result.model_version} as champion "
-               f"({time.perf_counter() - t:.1f}s)")
-
-    t = _step("4/5 serve models:/ranker@champion over gRPC on loopback")
+    t = _step(f"2/3 serve models:/{cfg.model_name}@champion over gRPC on loopback")
     uri = f"models:/{cfg.model_name}@champion"
+    landing = work / "synthetic" / "landing"
     with running_server(uri, cfg.tracking_uri, work, cfg.startup_timeout_s) as target:
         typer.echo(f"server ready at {target} ({time.perf_counter() - t:.1f}s)")
-        t = _step("5/5 one Rank call (last request of the validation day)")
-        req = request_from_log(work / "log", spec, index=-1)
+        t = _step("3/3 one Rank call (the last request of the newest day)")
+        req = request_from_log(landing, spec, index=-1)
         with RankerClient(target) as client:
             client.wait_ready(timeout_s=30)
             resp = client.rank(req.user, req.context, req.candidates, req.item_ids, top_k=10,
                                request_id=req.request_id)
         typer.echo(f"user {req.user} context {req.context}: {len(req.item_ids)} candidates")
         typer.echo(format_ranking(resp, limit=10))
-    typer.echo(f"\nserver stopped; demo done in {time.perf_counter() - total:.1f}s")
+    typer.echo(f"\nserver stopped; demo done in {time.perf_counter() - total:.1f}s "
+               f"(MLflow store {cfg.tracking_uri}; `make mlflow-ui` shows the runs)")

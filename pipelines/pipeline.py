@@ -290,7 +290,7 @@ class Pipeline:
         fields_.setdefault("progress_bar", False)
         champion = self.champion()
         stale = out / "mlflow_run_id"
-        if stale.is_file() and not (out / "checkpoints" / "last.ckpt").is_file():
+        if distributed_rank() == 0 and stale.is_file() and not (out / "checkpoints" / "last.ckpt").is_file():
             # killed before the first checkpoint: that MLflow run can never be resumed
             self.client.set_terminated(stale.read_text().strip(), "KILLED")
             stale.unlink()
@@ -302,6 +302,8 @@ class Pipeline:
             model_overrides=model, **fields_,
         )
         result = train(cfg)
+        if not result.primary:
+            return  # a non-zero rank: rank 0 records the step
         self.client.set_terminated(result.run_id, "FINISHED")
         log.info("train: run %s, best epoch %s", result.run_id, result.best_epoch)
         self.state.mark("train", run_id=result.run_id, artifact=str(result.artifact), best_epoch=result.best_epoch,
@@ -437,14 +439,57 @@ def _done_in_mlflow(client: MlflowClient, experiment: str, name: str, as_of: dat
     return runs[0].info.run_id if runs else None
 
 
+def distributed_rank() -> int:
+    """This process's global rank when a launcher started it (Lightning's DDP launcher, torchrun, SLURM), else 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    local_rank = int(local) if local.isdigit() else 0
+    node_rank = int(node) if node.isdigit() else 0
+    return local_rank if node_rank == 0 else -1  # -1: some rank of another node (the exact number is unknown)
+
+
+def _join_training(cfg: PipelineConfig, as_of: date | None, timeout_s: float = 3600.0) -> PipelineResult:
+    """A non-zero rank of a distributed training: wait for rank 0's features, then train alongside it.
+
+    Rank 0 runs every other step (and holds the lock); the other ranks only take part in the
+    training step, reading the run's state from the shared work folder.
+    """
+    runs = cfg.workdir / "runs"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [RunState(p) for p in sorted(runs.glob("*/state.json"))] if runs.is_dir() else []
+        if as_of is not None:
+            states = [st for st in states if st.data.get("as_of") == as_of.isoformat()]
+        ready = [st for st in states if st.done("features") and not st.done("train") and st.status != "done"]
+        if ready:
+            break
+        if time.monotonic() > deadline:
+            raise ValueError(f"rank {distributed_rank()}: no run in {str(runs)!r} reached the train step "
+                             f"within {timeout_s:.0f} s")
+        time.sleep(1.0)
+    state = ready[-1]
+    day = date.fromisoformat(state.data["as_of"])
+    uri = cfg.tracking_uri or default_tracking_uri()
+    p = Pipeline(cfg, uri, load_spec(cfg.spec or cfg.source.dataset), day, state.path.parent)
+    p.train(str(state.data["parent_run_id"]))
+    return PipelineResult("noop", f"rank {distributed_rank()}: trained as part of {p.key}", day)
+
+
 def run_pipeline(cfg: PipelineConfig, as_of: date | None = None, force: bool = False) -> PipelineResult:
     """Run (or resume, or skip) the pipeline for ``as_of`` (default: the newest day of data).
+
+    Under a distributed launcher (``train.devices`` > 1 or ``num_nodes`` > 1), only rank 0 runs the
+    pipeline; the other ranks join its training step (the work folder must be shared between nodes).
 
     Raises:
         ValueError: unusable tracking store (before any work), bad config, too little data,
             too many quarantined rows.
         pipelines.lock.PipelineBusy: the same pipeline runs in another process.
     """
+    if distributed_rank() != 0:
+        return _join_training(cfg, as_of)
     uri = check_reachable(cfg.tracking_uri or default_tracking_uri())
     _train_fields(cfg)  # unknown training fields fail here, before any work
     spec = load_spec(cfg.spec or cfg.source.dataset)

@@ -120,7 +120,7 @@ def running_mlflow_server(
     cmd = mlflow_server_command(tracking_uri, host, port)
     url = f"http://{host}:{port}"
     with tempfile.TemporaryFile() as output:
-        # A session of its own, so that stopping it stops the uvicorn workers it spawns too.
+        # Its own process group, so that stopping it stops the uvicorn processes it spawns too.
         proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=server_env(),
                                 start_new_session=True)
         try:
