@@ -219,3 +219,18 @@ def test_bundled_configs_load_and_expand_the_environment(monkeypatch, tmp_path: 
     kr = load_pipeline_config(bundled_config("kuairand"))
     assert kr.source.dataset == "kuairand" and kr.gates.primary == "is_click" and kr.warm_start
     assert kr.train["model_config"]["num_experts"] == 8
+
+
+def test_ddp_training_inside_the_pipeline(tmp_path: Path) -> None:
+    """`train: {devices: 2, strategy: ddp}` goes to Lightning; its second process joins only the train step."""
+    config = write_config(tmp_path, train={"devices": 2, "strategy": "ddp", "accelerator": "cpu"})
+    r = subprocess.run([RANKER, "pipeline", "run", "--config", str(config), "--as-of", "2026-01-07"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[rank1]" in r.stderr or "world_size: 2" in r.stderr  # a second training process ran
+    assert r.stderr.count("pipelines.pipeline: ingest:") == 1  # rank 0 alone ran the other steps
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert _versions(uri) == [1]
+    client = MlflowClient(uri, uri)
+    parent = client.get_run(client.get_model_version("ranker", "1").tags["pipeline.parent_run_id"])
+    assert parent.data.params["train.devices"] == "2" and parent.data.params["train.strategy"] == "ddp"
