@@ -96,27 +96,41 @@ def test_rest_api_serves_runs_metrics_artifacts_and_champion(server: str, tracke
     assert requests.get(f"{local}/health", timeout=30).status_code == 200
 
 
+def _render(page: str, expect: str, profile: Path) -> str:
+    """The page's DOM after headless chromium ran its scripts (twice at most: a loaded machine is slow)."""
+    assert CHROMIUM is not None
+    dom, proc = "", None
+    for attempt in range(2):
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile / str(attempt)}", "--virtual-time-budget=30000", "--dump-dom", page],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        dom = proc.stdout
+        if expect in dom:
+            break
+    assert proc is not None and expect in dom, (
+        f"{expect!r} not on {page}; chromium exited {proc.returncode if proc else None}, rendered:\n"
+        f"{dom[:2000]}\n{proc.stderr[-1000:] if proc else ''}"
+    )
+    return dom
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_experiment_page_lists_the_run_in_a_headless_browser(
     server: str, tracked_store: TrackedStore, tmp_path: Path
 ) -> None:
-    assert CHROMIUM is not None
     exp = _get(server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=tracked_store.experiment_name)
     page = f"{server}/#/experiments/{exp['experiment']['experiment_id']}/runs"  # the experiment's runs table
-    dom = ""
-    for attempt in range(2):  # a loaded machine can outlast the first virtual-time budget
-        proc = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / f'profile{attempt}'}", "--virtual-time-budget=30000", "--dump-dom", page],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
-        dom = proc.stdout
-        if tracked_store.run_name in dom:
-            break
-    assert tracked_store.run_name in dom, (
-        f"run {tracked_store.run_name!r} not listed on {page}; chromium exited {proc.returncode}, rendered:\n"
-        f"{dom[:2000]}\n{proc.stderr[-1000:]}"
-    )
+    _render(page, tracked_store.run_name, tmp_path)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_registered_model_page_shows_the_champion_alias(
+    server: str, tracked_store: TrackedStore, tmp_path: Path
+) -> None:
+    dom = _render(f"{server}/#/models/{tracked_store.model_name}", 'title="champion"', tmp_path)  # the alias tag
+    assert f"Version {tracked_store.version}" in dom
 
 
 @pytest.mark.parametrize("uri", ["http://mlflow.internal:5000", "file:///tmp/mlruns", "postgresql://db/mlflow"])
