@@ -14,8 +14,10 @@ import requests
 from mlflow import MlflowClient
 
 from pipelines import ui
+from pipelines.config import load_pipeline_config
+from pipelines.pipeline import run_pipeline
 from pipelines.ui import mlflow_server_command, running_mlflow_server
-from tests.pipelines.conftest import Nights
+from tests.pipelines.conftest import DAY7, Nights, write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -160,3 +162,16 @@ def test_make_target_serves_the_configured_store_on_the_configured_port(
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5077"
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_the_pipeline_runs_against_a_remote_tracking_server(server: str, tmp_path: Path) -> None:
+    """The scale-out path: the same pipeline pointed at an MLflow server by URI (here the one above)."""
+    cfg = load_pipeline_config(write_config(tmp_path, tracking_uri=server, experiment="remote",
+                                            model_name="ranker-remote"))
+    result = run_pipeline(cfg, as_of=DAY7)
+    assert result.status == "done" and result.promoted and result.version == "1"
+    champion = _get(server, "/api/2.0/mlflow/registered-models/alias", name="ranker-remote", alias="champion")
+    assert champion["model_version"]["version"] == "1"
+    report = requests.get(f"{server}/get-artifact", params={"path": "report.md", "run_uuid": result.parent_run_id},
+                          timeout=30)
+    assert report.status_code == 200 and "first model" in report.text
