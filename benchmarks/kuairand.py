@@ -134,6 +134,11 @@ def run_peers(seeds: list[int], work: Path) -> list[dict[str, Any]]:
     for seed in seeds:
         subprocess.run([str(PEERS / "run_kuairand_all.sh")], env={**env, "SEED": str(seed), "TAG": f"_s{seed}"},
                        check=True)
+    return read_peers(seeds, work)
+
+
+def read_peers(seeds: list[int], work: Path) -> list[dict[str, Any]]:
+    """The peer driver's result files of these seeds (``<work>/results_kuairand/*_s<seed>.json``)."""
     files = sorted((work / "results_kuairand").glob("*_s*.json"))
     return [json.loads(f.read_text()) for f in files if int(f.stem.rsplit("_s", 1)[-1]) in seeds]
 
@@ -164,6 +169,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--peers", action="store_true", help="also run the peer libraries (shared/peers)")
     ap.add_argument("--peers-work", type=Path, default=Path("/tmp/peers"))
+    ap.add_argument("--peer-results", action="store_true",
+                    help="add the peers' result files already in --peers-work (from an earlier --peers run) "
+                         "to the table instead of running them again")
+    ap.add_argument("--embedding-lr", type=float, default=None,
+                    help="Adam lr of the embedding tables (default: the dense lr, 1e-3)")
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "kuairand_pure_subset")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
@@ -172,6 +182,8 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown --models {unknown}; available: {sorted(MODELS)}")
+    if args.embedding_lr is not None:
+        RECIPE["embedding_lr"] = args.embedding_lr
     work = args.work or Path(tempfile.mkdtemp(prefix="kuairand-"))
     features = work / "features"
     build(scan_dataset("kuairand", args.data), load_spec("kuairand"), features)
@@ -187,8 +199,8 @@ def main() -> None:
     (work / "ours.json").write_text(json.dumps(ours, indent=1))
     print(f"\nours: {args.epochs} epochs, settings {json.dumps(RECIPE)}, models {json.dumps(MODELS)}")
     rows = dict(ours)
-    if args.peers:
-        for r in run_peers(seeds, args.peers_work):
+    if args.peers or args.peer_results:
+        for r in (run_peers(seeds, args.peers_work) if args.peers else read_peers(seeds, args.peers_work)):
             runs = rows.setdefault(f"{r['library'].split()[0]} {r['model']}", [])
             runs.append({"best_epoch": r["best_val_epoch"], "test": r["test_at_best"]})
     print(table(rows))
