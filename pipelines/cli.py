@@ -51,6 +51,16 @@ def _setup_logging(verbose: bool = False) -> None:
     )
 
 
+def _day(value: str | None, flag: str) -> date | None:
+    """``YYYY-MM-DD`` -> date (None stays None); anything else is an error naming the flag."""
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be YYYY-MM-DD, got {value!r}") from None
+
+
 @data_app.command("synth")
 @friendly
 def data_synth(
@@ -93,12 +103,7 @@ def features_build(
     from features.datasets import scan_dataset
     from features.spec import load_spec
 
-    end = None
-    if train_end is not None:
-        try:
-            end = date.fromisoformat(train_end)
-        except ValueError:
-            raise ValueError(f"--train-end must be YYYY-MM-DD, got {train_end!r}") from None
+    end = _day(train_end, "--train-end")
     # A Parquet log folder is built partition by partition (bounded memory); adapters give one frame.
     source = input if dataset == "synthetic" else scan_dataset(dataset, input)
     summary = build(source, load_spec(spec or dataset), out, end)
@@ -324,12 +329,7 @@ def pipeline_run(
     from pipelines.pipeline import run_pipeline
 
     _setup_logging()
-    day = None
-    if as_of is not None:
-        try:
-            day = date.fromisoformat(as_of)
-        except ValueError:
-            raise ValueError(f"--as-of must be YYYY-MM-DD, got {as_of!r}") from None
+    day = _day(as_of, "--as-of")
     result = run_pipeline(_pipeline_config(config, workdir, tracking_uri), as_of=day, force=force)
     typer.echo(result.message)
     if result.status == "done":

@@ -42,9 +42,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from features.spec import FeatureSpec, load_spec
 from features.validate import REASON, with_reason
 from pipelines import lake
-from pipelines.champion import GateCheck, HoldoutScore, check_gates, roc_and_calibration, score_holdout
+from pipelines.champion import GateCheck, HoldoutScore, check_gates, score_holdout
 from pipelines.config import PipelineConfig
 from pipelines.lock import RunLock
+from pipelines.plots import roc_and_calibration
 from pipelines.report import decision_text, render
 from pipelines.tracking import check_reachable, default_tracking_uri, ensure_experiment, register_artifact
 
