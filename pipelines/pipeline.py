@@ -25,7 +25,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, date, datetime
@@ -328,8 +328,8 @@ class Pipeline:
                 if kind != "binary":
                     continue
                 curves = {"challenger": chal.predictions[task]}
-                if champ is not None and task in champ.predictions:
-                    curves[f"champion v{champion[0] if champion else ''}"] = champ.predictions[task]
+                if champ is not None and champion is not None and task in champ.predictions:
+                    curves[f"champion v{champion[0]}"] = champ.predictions[task]
                 png = roc_and_calibration(task, curves, self.run_dir / "plots" / f"roc_calibration_{task}.png")
                 self.client.log_artifact(run_id, str(png), artifact_path="plots")
         passed = all(c.passed for c in checks)
@@ -525,15 +525,19 @@ def run_pipeline(cfg: PipelineConfig, as_of: date | None = None, force: bool = F
         if resumed:
             log.info("resuming %s at step %s", p.key, resumed)
         try:
+            steps: dict[str, Callable[[], object]] = {
+                "ingest": lambda: p.ingest(parent, windows, force),
+                "validate": lambda: p.validate(parent, windows),
+                "features": lambda: p.features(parent, windows),
+                "train": lambda: p.train(parent),
+                "evaluate": lambda: p.evaluate(parent, windows),
+                "register": lambda: p.register(parent, windows),
+                "promote": lambda: p.promote(parent),
+                "report": lambda: p.report(parent, windows),
+            }
             for step in STEPS:
-                if p.state.done(step):
-                    continue
-                if step in ("ingest",):
-                    p.ingest(parent, windows, force)
-                elif step in ("validate", "features", "evaluate", "register", "report"):
-                    getattr(p, step)(parent, windows)
-                else:
-                    getattr(p, step)(parent)
+                if not p.state.done(step):
+                    steps[step]()
         except BaseException as e:
             p.client.set_tag(parent, f"{TAG}status", "failed")
             p.client.set_tag(parent, f"{TAG}error", f"{type(e).__name__}: {e}"[:5000])
