@@ -269,16 +269,18 @@ def run_schedule(
              name, cfg.config_path, cfg.cron, cfg.timezone, cfg.misfire_grace_s)
     stopper: list[threading.Thread] = []
     previous: dict[int, Any] = {}
+    stopping = threading.Lock()  # taken once: a second signal (even one that interrupts this handler) only logs
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        if stopper:
+        if not stopping.acquire(blocking=False):
             log.info("already stopping; waiting for the running job to finish")
             return
-        log.info("%s: no new runs; waiting for a running job, if any, to finish", signal.Signals(signum).name)
         # Shut down on another thread: the handler interrupts the main thread wherever it is, possibly
         # inside the scheduler's loop holding its (re-entrant) job-store lock, which shutdown() takes.
-        stopper.append(threading.Thread(target=scheduler.shutdown, kwargs={"wait": True}, name="scheduler-shutdown"))
-        stopper[0].start()
+        thread = threading.Thread(target=scheduler.shutdown, kwargs={"wait": True}, name="scheduler-shutdown")
+        stopper.append(thread)
+        log.info("%s: no new runs; waiting for a running job, if any, to finish", signal.Signals(signum).name)
+        thread.start()
 
     def install_handlers(event: SchedulerEvent) -> None:
         # Called on the main thread by start(), once the scheduler runs (so shutdown() is valid)
