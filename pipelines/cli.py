@@ -303,13 +303,20 @@ def _read_request(path: Path | None) -> Any:
         raise ValueError(f"request file {str(path)!r} lacks field {e}") from None
 
 
-def _pipeline_config(config: str, workdir: Path | None = None, tracking_uri: str | None = None) -> Any:
-    from pipelines.config import bundled_config, load_pipeline_config
+def _config_path(config: str) -> Path:
+    """``--config``: a YAML path, or a bare name (``synthetic``) for a bundled file."""
+    from pipelines.config import bundled_config
 
     path = Path(config)
     if not path.is_file() and "/" not in config and not config.endswith((".yaml", ".yml")):
-        path = bundled_config(config)  # `--config synthetic` names a bundled file
-    return load_pipeline_config(path, workdir=workdir, tracking_uri=tracking_uri)
+        path = bundled_config(config)
+    return path
+
+
+def _pipeline_config(config: str, workdir: Path | None = None, tracking_uri: str | None = None) -> Any:
+    from pipelines.config import load_pipeline_config
+
+    return load_pipeline_config(_config_path(config), workdir=workdir, tracking_uri=tracking_uri)
 
 
 @pipeline_app.command("run")
@@ -355,12 +362,7 @@ def pipeline_schedule(
     from pipelines.schedule import ScheduleConfig, run_schedule
 
     _setup_logging()
-    path = Path(config)
-    if not path.is_file():
-        from pipelines.config import bundled_config
-
-        path = bundled_config(config)
-    run_schedule(ScheduleConfig(config_path=path, cron=cron, jobstore_url=jobstore_url,
+    run_schedule(ScheduleConfig(config_path=_config_path(config), cron=cron, jobstore_url=jobstore_url,
                                 misfire_grace_s=misfire_grace_s, run_now=run_now, timezone=timezone))
 
 

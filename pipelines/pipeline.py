@@ -153,10 +153,11 @@ class Pipeline:
             self.client.update_run(parent, status="RUNNING")
             self.client.set_tag(parent, f"{TAG}status", "running")
             return str(parent)
+        version = code_version()
         tags = {
             **self._base_tags(),
             f"{TAG}status": "running",
-            f"{TAG}code_version": code_version(),
+            f"{TAG}code_version": version,
             f"{TAG}config_hash": self.cfg.content_hash,
             **{f"{TAG}window.{k}": v for k, v in windows.to_dict().items()},
             "mlflow.source.name": "ranker pipeline run",
@@ -168,7 +169,7 @@ class Pipeline:
         if self.cfg.path is not None:
             self.client.log_artifact(run_id, str(self.cfg.path), artifact_path="config")
         self.state.set(parent_run_id=run_id, as_of=self.as_of.isoformat(), windows=windows.to_dict(),
-                       started=datetime.now(UTC).isoformat(timespec="seconds"))
+                       code_version=version, started=datetime.now(UTC).isoformat(timespec="seconds"))
         return run_id
 
     @contextmanager
@@ -249,7 +250,7 @@ class Pipeline:
         with self.child(parent, "features") as run_id:
             summary = build(lake.files(self.lake, windows.train + windows.validation), self.spec, out,
                             train_end=windows.train[-1])
-            stats = pl.read_parquet(out / "train.parquet").describe()
+            stats = pl.scan_parquet(out / "train.parquet").describe()
             stats.write_csv(out / "feature_stats.csv")
             for name in ("transform.json", "summary.json", "feature_stats.csv"):
                 self.client.log_artifact(run_id, str(out / name))
@@ -398,7 +399,8 @@ class Pipeline:
             "ingested": self.state.out("ingest")["new_days"], "rows_checked": val["rows"],
             "quarantined_total": val["quarantined"], "quarantined": val["reasons"],
             "rows": self.state.out("features")["rows"], "holdout_rows": ev["holdout_rows"],
-            "transform_hash": self.state.out("features")["transform_hash"], "code_version": code_version(),
+            "transform_hash": self.state.out("features")["transform_hash"],
+            "code_version": self.state.data.get("code_version") or code_version(),
             "config_hash": self.cfg.content_hash, "model": self.state.out("train")["model"],
             "best_epoch": self.state.out("train")["best_epoch"], "warm_start": self.state.out("train")["warm_start"],
             "train_run_id": self.state.out("train")["run_id"], "model_name": self.cfg.model_name,
