@@ -12,12 +12,19 @@ Example:
     ...         item_ids=[101, 202],
     ...     )
     ...     print(format_ranking(resp))
+
+Pass ``response_format=pb.RESPONSE_FORMAT_COLUMNS`` to get the ranking column-wise (cheaper for
+the server to build and for the client to decode); :func:`read_ranking` reads either form into one
+:class:`Ranking`.
+
+Shape letters: K returned candidates.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 from types import TracebackType
 from typing import Any
@@ -111,6 +118,7 @@ def build_request(
     top_k: int = 0,
     request_id: str = "",
     model_version: str = "",
+    response_format: pb.ResponseFormat = pb.RESPONSE_FORMAT_CANDIDATES,
 ) -> pb.RankRequest:
     """Python values -> ``RankRequest`` (see :meth:`RankerClient.rank` for the arguments)."""
     return pb.RankRequest(
@@ -124,6 +132,7 @@ def build_request(
         objective_weights=dict(objective_weights or {}),
         top_k=top_k,
         model_version=model_version,
+        response_format=response_format,
     )
 
 
@@ -162,6 +171,7 @@ class RankerClient:
         request_id: str = "",
         timeout_s: float = 5.0,
         model_version: str = "",
+        response_format: pb.ResponseFormat = pb.RESPONSE_FORMAT_CANDIDATES,
     ) -> pb.RankResponse:
         """Rank candidates for one user in one context.
 
@@ -174,12 +184,17 @@ class RankerClient:
             request_id: echoed back in the response.
             timeout_s: deadline of the call, seconds.
             model_version: optional pin; a mismatch fails with FAILED_PRECONDITION.
+            response_format: the form of the ranking (``pb.RESPONSE_FORMAT_CANDIDATES``, v1's list
+                of ``ScoredCandidate``; ``..._COLUMNS``, ``resp.ranked`` only; ``..._BOTH``); read
+                any of them with :func:`read_ranking`.
 
         Raises:
             grpc.RpcError: a non-OK status (INVALID_ARGUMENT names the field in ``details()``).
             TypeError: a value that cannot be encoded.
         """
-        req = build_request(user, context, candidates, item_ids, objective_weights, top_k, request_id, model_version)
+        req = build_request(
+            user, context, candidates, item_ids, objective_weights, top_k, request_id, model_version, response_format
+        )
         resp: pb.RankResponse = self._ranker.Rank(req, timeout=timeout_s)
         return resp
 
@@ -208,8 +223,63 @@ class RankerClient:
         raise TimeoutError(f"{self.target}: {SERVICE_NAME} not SERVING after {timeout_s}s (last: {last})")
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """A response's ranking, best first, whichever form it came in (see :func:`read_ranking`).
+
+    Attributes:
+        item_ids: (K,) the candidates' ids as the response gives them.
+        index: (K,) int64, each candidate's position in the request's ``item_ids``.
+        score: (K,) float64, the combined score (non-increasing).
+        objective_scores: task -> (K,) float64, each objective's score.
+    """
+
+    item_ids: list[str]
+    index: np.ndarray
+    score: np.ndarray
+    objective_scores: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+def read_ranking(resp: pb.RankResponse) -> Ranking:
+    """The ranking of ``resp`` column-wise, from ``resp.ranked`` when set, else from ``resp.candidates``.
+
+    Both forms hold the same values (``RESPONSE_FORMAT_BOTH`` fills both), so the cheaper one is read.
+
+    Example:
+        >>> r = pb.RankResponse()
+        >>> _ = r.candidates.add(item_id="42", index=1, score=1.5, objective_scores={"click": 0.25})
+        >>> c = pb.RankResponse(ranked=pb.RankedColumns(item_ids=["42"], index=[1], score=[1.5],
+        ...                     objective_scores={"click": pb.DoubleColumn(values=[0.25])}))
+        >>> read_ranking(r).item_ids == read_ranking(c).item_ids == ["42"]
+        True
+        >>> float(read_ranking(c).objective_scores["click"][0])
+        0.25
+    """
+    if resp.HasField("ranked"):
+        cols = resp.ranked
+        return Ranking(
+            item_ids=list(cols.item_ids),
+            index=np.array(cols.index, dtype=np.int64),
+            score=np.array(cols.score, dtype=np.float64),
+            objective_scores={t: np.array(c.values, dtype=np.float64) for t, c in cols.objective_scores.items()},
+        )
+    cands = resp.candidates
+    tasks = sorted({t for c in cands for t in c.objective_scores})
+    return Ranking(
+        item_ids=[c.item_id for c in cands],
+        index=np.array([c.index for c in cands], dtype=np.int64),
+        score=np.array([c.score for c in cands], dtype=np.float64),
+        objective_scores={t: np.array([c.objective_scores[t] for c in cands], dtype=np.float64) for t in tasks},
+    )
+
+
 def format_ranking(resp: pb.RankResponse, limit: int = 10) -> str:
     """A fixed-width table of the first ``limit`` candidates: rank, item_id, score, one column per objective.
+
+    Reads either form of the response (:func:`read_ranking`).
 
     Example:
         >>> r = pb.RankResponse(model_name="ranker", model_version="3")
@@ -219,18 +289,19 @@ def format_ranking(resp: pb.RankResponse, limit: int = 10) -> str:
         rank  item_id      score      click
            1  42          1.5000     0.2500
     """
-    shown = list(resp.candidates)[:limit]
-    objectives = sorted({t for c in shown for t in c.objective_scores})
-    id_w = max([7, *(len(c.item_id) for c in shown)])
+    ranking = read_ranking(resp)
+    shown = ranking.item_ids[:limit]
+    objectives = sorted(ranking.objective_scores)
+    id_w = max([7, *(len(i) for i in shown)])
     obj_w = [max(9, len(t)) for t in objectives]
     head = f"{'rank':>4}  {'item_id':<{id_w}}  {'score':>9}" + "".join(
         f"  {t:>{w}}" for t, w in zip(objectives, obj_w, strict=True)
     )
     timing = f", {resp.server_time_us / 1000:.1f} ms on the server" if resp.server_time_us else ""
-    lines = [f"{resp.model_name} v{resp.model_version}, {len(resp.candidates)} candidates{timing}", head]
-    for r, c in enumerate(shown, start=1):
-        row = f"{r:>4}  {c.item_id:<{id_w}}  {c.score:>9.4f}" + "".join(
-            f"  {c.objective_scores[t]:>{w}.4f}" for t, w in zip(objectives, obj_w, strict=True)
+    lines = [f"{resp.model_name} v{resp.model_version}, {len(ranking)} candidates{timing}", head]
+    for j, item_id in enumerate(shown):
+        row = f"{j + 1:>4}  {item_id:<{id_w}}  {ranking.score[j]:>9.4f}" + "".join(
+            f"  {ranking.objective_scores[t][j]:>{w}.4f}" for t, w in zip(objectives, obj_w, strict=True)
         )
         lines.append(row)
     return "\n".join(lines)

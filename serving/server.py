@@ -134,22 +134,59 @@ def rank_batch(jobs: list[Job], max_candidates: int = DEFAULT_MAX_CANDIDATES) ->
     return [r for r in out if r is not None]
 
 
+_CANDIDATES_FORMATS = frozenset({pb.RESPONSE_FORMAT_CANDIDATES, pb.RESPONSE_FORMAT_BOTH})
+_COLUMNS_FORMATS = frozenset({pb.RESPONSE_FORMAT_COLUMNS, pb.RESPONSE_FORMAT_BOTH})
+
+
 def respond(
     loaded: LoadedModel, req: pb.RankRequest, decoded: DecodedRequest, scores: dict[str, np.ndarray]
 ) -> pb.RankResponse:
-    """Combine the objectives' scores (request weights over the model's), order, cut to ``top_k``."""
+    """Combine the objectives' scores (request weights over the model's), order, cut to ``top_k``.
+
+    The ranking goes out in the form ``req.response_format`` asks for: ``candidates`` (one message
+    per candidate, v1), ``ranked`` (columns, filled with bulk ``extend``), or both.
+
+    Raises:
+        ValueError: an unknown objective or a negative weight (``combine``), or a
+            ``response_format`` this server does not know (proto3 enums are open).
+    """
+    fmt = req.response_format
+    if fmt not in _CANDIDATES_FORMATS | _COLUMNS_FORMATS:
+        known = ", ".join(f"{pb.ResponseFormat.Name(v)} ({v})" for v in pb.ResponseFormat.values())
+        raise ValueError(f"response_format: unknown value {fmt}; expected one of {known}")
     combined = loaded.model.combine(scores, dict(req.objective_weights))  # (C,)
     order = np.argsort(-combined, kind="stable")  # (C,) best first, ties in request order
     if req.top_k:
         order = order[: req.top_k]  # (K,)
-    per_task = {t: s[order].tolist() for t, s in scores.items()}
+    per_task = {t: s[order].tolist() for t, s in scores.items()}  # task -> K floats
+    index, score = order.tolist(), combined[order].tolist()  # (K,) each
     resp = pb.RankResponse(request_id=req.request_id, model_name=loaded.name, model_version=loaded.version)
-    for j, (i, score) in enumerate(zip(order.tolist(), combined[order].tolist(), strict=True)):
-        resp.candidates.add(
-            item_id=decoded.item_ids[i], index=i, score=score,
-            objective_scores={t: v[j] for t, v in per_task.items()},
-        )
+    if fmt in _CANDIDATES_FORMATS:
+        for j, (i, total) in enumerate(zip(index, score, strict=True)):
+            resp.candidates.add(
+                item_id=decoded.item_ids[i], index=i, score=total,
+                objective_scores={t: v[j] for t, v in per_task.items()},
+            )
+    if fmt in _COLUMNS_FORMATS:
+        _fill_columns(resp.ranked, decoded.item_ids, order, index, score, per_task)
     return resp
+
+
+def _fill_columns(
+    ranked: pb.RankedColumns, item_ids: list[str], order: np.ndarray, index: list[int], score: list[float],
+    per_task: dict[str, list[float]],
+) -> None:
+    """``RankedColumns`` of the K candidates in ``order`` (K,): one bulk ``extend`` per column, no loop per candidate.
+
+    ``item_ids`` (C,) are the request's ids; ``index``, ``score`` and every ``per_task`` list are
+    already in ``order``.
+    """
+    ranked.SetInParent()  # present whatever the columns hold: the caller asked for this form
+    ranked.item_ids.extend(np.asarray(item_ids, dtype=object)[order].tolist())  # gathered in C, (K,)
+    ranked.index.extend(index)
+    ranked.score.extend(score)
+    for task, values in per_task.items():
+        ranked.objective_scores[task].values.extend(values)
 
 
 class RankerServicer(pb_grpc.RankerServicer):

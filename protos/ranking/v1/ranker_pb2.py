@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/ranking/v1/ranker.proto\x12\nranking.v1\"\x1b\n\tInt64List\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb4\x01\n\x0c\x46\x65\x61tureValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12)\n\x08int_list\x18\x04 \x01(\x0b\x32\x15.ranking.v1.Int64ListH\x00\x12-\n\x0bstring_list\x18\x05 \x01(\x0b\x32\x16.ranking.v1.StringListH\x00\x42\x06\n\x04kind\"\x1d\n\x0bInt64Column\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x1e\n\x0c\x44oubleColumn\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\x1e\n\x0cStringColumn\x12\x0e\n\x06values\x18\x01 \x03(\t\"2\n\x0fInt64ListColumn\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\x0f\n\x07lengths\x18\x02 \x03(\r\"3\n\x10StringListColumn\x12\x0e\n\x06values\x18\x01 \x03(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\r\"\x81\x02\n\rFeatureColumn\x12\'\n\x04ints\x18\x01 \x01(\x0b\x32\x17.ranking.v1.Int64ColumnH\x00\x12*\n\x06\x66loats\x18\x02 \x01(\x0b\x32\x18.ranking.v1.DoubleColumnH\x00\x12+\n\x07strings\x18\x03 \x01(\x0b\x32\x18.ranking.v1.StringColumnH\x00\x12\x30\n\tint_lists\x18\x04 \x01(\x0b\x32\x1b.ranking.v1.Int64ListColumnH\x00\x12\x34\n\x0cstring_lists\x18\x05 \x01(\x0b\x32\x1c.ranking.v1.StringListColumnH\x00\x42\x06\n\x04kind\"\xbd\x01\n\nCandidates\x12+\n\x08item_ids\x18\x01 \x01(\x0b\x32\x19.ranking.v1.FeatureColumn\x12\x36\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32$.ranking.v1.Candidates.FeaturesEntry\x1aJ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.ranking.v1.FeatureColumn:\x02\x38\x01\"\xef\x03\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x04user\x18\x02 \x03(\x0b\x32!.ranking.v1.RankRequest.UserEntry\x12\x35\n\x07\x63ontext\x18\x03 \x03(\x0b\x32$.ranking.v1.RankRequest.ContextEntry\x12*\n\ncandidates\x18\x04 \x01(\x0b\x32\x16.ranking.v1.Candidates\x12H\n\x11objective_weights\x18\x05 \x03(\x0b\x32-.ranking.v1.RankRequest.ObjectiveWeightsEntry\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x1a\x45\n\tUserEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.ranking.v1.FeatureValue:\x02\x38\x01\x1aH\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.ranking.v1.FeatureValue:\x02\x38\x01\x1a\x37\n\x15ObjectiveWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc4\x01\n\x0fScoredCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\x12J\n\x10objective_scores\x18\x04 \x03(\x0b\x32\x30.ranking.v1.ScoredCandidate.ObjectiveScoresEntry\x1a\x36\n\x14ObjectiveScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x96\x01\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\ncandidates\x18\x02 \x03(\x0b\x32\x1b.ranking.v1.ScoredCandidate\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x16\n\x0eserver_time_us\x18\x05 \x01(\x04\x32\x43\n\x06Ranker\x12\x39\n\x04Rank\x12\x17.ranking.v1.RankRequest\x1a\x18.ranking.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/ranking/v1/ranker.proto\x12\nranking.v1\"\x1b\n\tInt64List\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb4\x01\n\x0c\x46\x65\x61tureValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12)\n\x08int_list\x18\x04 \x01(\x0b\x32\x15.ranking.v1.Int64ListH\x00\x12-\n\x0bstring_list\x18\x05 \x01(\x0b\x32\x16.ranking.v1.StringListH\x00\x42\x06\n\x04kind\"\x1d\n\x0bInt64Column\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x1e\n\x0c\x44oubleColumn\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\x1e\n\x0cStringColumn\x12\x0e\n\x06values\x18\x01 \x03(\t\"2\n\x0fInt64ListColumn\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\x0f\n\x07lengths\x18\x02 \x03(\r\"3\n\x10StringListColumn\x12\x0e\n\x06values\x18\x01 \x03(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\r\"\x81\x02\n\rFeatureColumn\x12\'\n\x04ints\x18\x01 \x01(\x0b\x32\x17.ranking.v1.Int64ColumnH\x00\x12*\n\x06\x66loats\x18\x02 \x01(\x0b\x32\x18.ranking.v1.DoubleColumnH\x00\x12+\n\x07strings\x18\x03 \x01(\x0b\x32\x18.ranking.v1.StringColumnH\x00\x12\x30\n\tint_lists\x18\x04 \x01(\x0b\x32\x1b.ranking.v1.Int64ListColumnH\x00\x12\x34\n\x0cstring_lists\x18\x05 \x01(\x0b\x32\x1c.ranking.v1.StringListColumnH\x00\x42\x06\n\x04kind\"\xbd\x01\n\nCandidates\x12+\n\x08item_ids\x18\x01 \x01(\x0b\x32\x19.ranking.v1.FeatureColumn\x12\x36\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32$.ranking.v1.Candidates.FeaturesEntry\x1aJ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.ranking.v1.FeatureColumn:\x02\x38\x01\"\xa4\x04\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x04user\x18\x02 \x03(\x0b\x32!.ranking.v1.RankRequest.UserEntry\x12\x35\n\x07\x63ontext\x18\x03 \x03(\x0b\x32$.ranking.v1.RankRequest.ContextEntry\x12*\n\ncandidates\x18\x04 \x01(\x0b\x32\x16.ranking.v1.Candidates\x12H\n\x11objective_weights\x18\x05 \x03(\x0b\x32-.ranking.v1.RankRequest.ObjectiveWeightsEntry\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x33\n\x0fresponse_format\x18\x08 \x01(\x0e\x32\x1a.ranking.v1.ResponseFormat\x1a\x45\n\tUserEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.ranking.v1.FeatureValue:\x02\x38\x01\x1aH\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.ranking.v1.FeatureValue:\x02\x38\x01\x1a\x37\n\x15ObjectiveWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc4\x01\n\x0fScoredCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\x12J\n\x10objective_scores\x18\x04 \x03(\x0b\x32\x30.ranking.v1.ScoredCandidate.ObjectiveScoresEntry\x1a\x36\n\x14ObjectiveScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdb\x01\n\rRankedColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x03(\r\x12\r\n\x05score\x18\x03 \x03(\x01\x12H\n\x10objective_scores\x18\x04 \x03(\x0b\x32..ranking.v1.RankedColumns.ObjectiveScoresEntry\x1aP\n\x14ObjectiveScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.ranking.v1.DoubleColumn:\x02\x38\x01\"\xc1\x01\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\ncandidates\x18\x02 \x03(\x0b\x32\x1b.ranking.v1.ScoredCandidate\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x16\n\x0eserver_time_us\x18\x05 \x01(\x04\x12)\n\x06ranked\x18\x06 \x01(\x0b\x32\x19.ranking.v1.RankedColumns*g\n\x0eResponseFormat\x12\x1e\n\x1aRESPONSE_FORMAT_CANDIDATES\x10\x00\x12\x1b\n\x17RESPONSE_FORMAT_COLUMNS\x10\x01\x12\x18\n\x14RESPONSE_FORMAT_BOTH\x10\x02\x32\x43\n\x06Ranker\x12\x39\n\x04Rank\x12\x17.ranking.v1.RankRequest\x1a\x18.ranking.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKREQUEST_OBJECTIVEWEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_SCOREDCANDIDATE_OBJECTIVESCORESENTRY']._loaded_options = None
   _globals['_SCOREDCANDIDATE_OBJECTIVESCORESENTRY']._serialized_options = b'8\001'
+  _globals['_RANKEDCOLUMNS_OBJECTIVESCORESENTRY']._loaded_options = None
+  _globals['_RANKEDCOLUMNS_OBJECTIVESCORESENTRY']._serialized_options = b'8\001'
+  _globals['_RESPONSEFORMAT']._serialized_start=2108
+  _globals['_RESPONSEFORMAT']._serialized_end=2211
   _globals['_INT64LIST']._serialized_start=46
   _globals['_INT64LIST']._serialized_end=73
   _globals['_STRINGLIST']._serialized_start=75
@@ -64,19 +68,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATES_FEATURESENTRY']._serialized_start=864
   _globals['_CANDIDATES_FEATURESENTRY']._serialized_end=938
   _globals['_RANKREQUEST']._serialized_start=941
-  _globals['_RANKREQUEST']._serialized_end=1436
-  _globals['_RANKREQUEST_USERENTRY']._serialized_start=1236
-  _globals['_RANKREQUEST_USERENTRY']._serialized_end=1305
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=1307
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=1379
-  _globals['_RANKREQUEST_OBJECTIVEWEIGHTSENTRY']._serialized_start=1381
-  _globals['_RANKREQUEST_OBJECTIVEWEIGHTSENTRY']._serialized_end=1436
-  _globals['_SCOREDCANDIDATE']._serialized_start=1439
-  _globals['_SCOREDCANDIDATE']._serialized_end=1635
-  _globals['_SCOREDCANDIDATE_OBJECTIVESCORESENTRY']._serialized_start=1581
-  _globals['_SCOREDCANDIDATE_OBJECTIVESCORESENTRY']._serialized_end=1635
-  _globals['_RANKRESPONSE']._serialized_start=1638
-  _globals['_RANKRESPONSE']._serialized_end=1788
-  _globals['_RANKER']._serialized_start=1790
-  _globals['_RANKER']._serialized_end=1857
+  _globals['_RANKREQUEST']._serialized_end=1489
+  _globals['_RANKREQUEST_USERENTRY']._serialized_start=1289
+  _globals['_RANKREQUEST_USERENTRY']._serialized_end=1358
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=1360
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=1432
+  _globals['_RANKREQUEST_OBJECTIVEWEIGHTSENTRY']._serialized_start=1434
+  _globals['_RANKREQUEST_OBJECTIVEWEIGHTSENTRY']._serialized_end=1489
+  _globals['_SCOREDCANDIDATE']._serialized_start=1492
+  _globals['_SCOREDCANDIDATE']._serialized_end=1688
+  _globals['_SCOREDCANDIDATE_OBJECTIVESCORESENTRY']._serialized_start=1634
+  _globals['_SCOREDCANDIDATE_OBJECTIVESCORESENTRY']._serialized_end=1688
+  _globals['_RANKEDCOLUMNS']._serialized_start=1691
+  _globals['_RANKEDCOLUMNS']._serialized_end=1910
+  _globals['_RANKEDCOLUMNS_OBJECTIVESCORESENTRY']._serialized_start=1830
+  _globals['_RANKEDCOLUMNS_OBJECTIVESCORESENTRY']._serialized_end=1910
+  _globals['_RANKRESPONSE']._serialized_start=1913
+  _globals['_RANKRESPONSE']._serialized_end=2106
+  _globals['_RANKER']._serialized_start=2213
+  _globals['_RANKER']._serialized_end=2280
 # @@protoc_insertion_point(module_scope)
