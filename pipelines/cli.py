@@ -208,13 +208,14 @@ def serve_cmd(
     log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
     torch_threads: Annotated[int, typer.Option(help="Threads of one forward pass (forwards run one at a time).")] = 1,
     ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here when serving.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Server processes sharing the port (SO_REUSEPORT); default one per core; 1 = one process.")] = None,
 ) -> None:
     """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM."""
     import asyncio
 
     from pipelines.tracking import default_tracking_uri
     from serving.batcher import BatcherConfig
-    from serving.observability import setup_json_logging
     from serving.server import ServerOptions, serve
 
     if log_format not in ("json", "text"):
@@ -228,7 +229,34 @@ def serve_cmd(
     )
     if torch_threads < 1:
         raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")
+    from serving.workers import PoolOptions, WorkerError, default_workers, serve_workers
+
+    n_workers = default_workers() if workers is None else workers
+    if n_workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {n_workers}")
+    _setup_serve_process(log_format, torch_threads)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
+    if n_workers > 1:
+        try:
+            serve_workers(model, tracking_uri=tracking_uri or default_tracking_uri(),
+                          ready_file=str(ready_file) if ready_file else None, options=options,
+                          pool=PoolOptions(workers=n_workers),
+                          setup=functools.partial(_setup_serve_process, log_format, torch_threads))
+        except WorkerError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2 if e.user_error else 1) from None
+        return
+    asyncio.run(
+        serve(model, tracking_uri=tracking_uri or default_tracking_uri(), options=options,
+              ready_file=str(ready_file) if ready_file else None)
+    )
+
+
+def _setup_serve_process(log_format: str, torch_threads: int) -> None:
+    """Logging and torch threads of a serving process (``ranker serve`` and each of its workers)."""
     import torch
+
+    from serving.observability import setup_json_logging
 
     torch.set_num_threads(torch_threads)
     if log_format == "json":
@@ -236,11 +264,6 @@ def serve_cmd(
         setup_json_logging("INFO")
     else:
         _setup_logging()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
-    asyncio.run(
-        serve(model, tracking_uri=tracking_uri or default_tracking_uri(), options=options,
-              ready_file=str(ready_file) if ready_file else None)
-    )
 
 
 @app.command("rank")

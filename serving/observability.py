@@ -22,6 +22,17 @@ Exported series (default ``namespace="ranker"``; units in the names):
 
 Counters and histograms also export ``*_created`` series (prometheus_client's default).
 
+Several worker processes (``ranker serve --workers N``, :mod:`serving.workers`) use prometheus_client's
+multiprocess mode: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory before the
+workers start, each worker's :class:`ServerMetrics` then writes its values to files there, and the
+supervisor serves :class:`WorkerMetrics` (a ``MultiProcessCollector`` over that directory) on the one
+``/metrics`` port. Counters and histograms are summed over every worker that ever ran (a restarted
+worker's counts are kept); ``queue_depth`` is summed over live workers; ``model_info`` and
+``model_reload_failed`` are the maximum over live workers (a version shows while any worker serves
+it; 1 while any worker's newest load failed); the failure timestamp is the newest of all.
+Multiprocess mode exports no ``*_created`` series. The supervisor adds ``ranker_workers_serving``
+(gauge) and ``ranker_worker_restarts_total`` (counter).
+
 Logs: :class:`JsonFormatter` writes one JSON object per line; :func:`setup_json_logging` installs
 it on the root logger. Existing ``log.info("loaded %s", v)`` calls keep working unchanged; fields
 given as ``extra={...}`` become top-level JSON keys.
@@ -34,14 +45,17 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
 # Latency from a fast rejection (~0.5 ms) to a slow, large request (~2 s).
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -90,14 +104,20 @@ class ServerMetrics:
         self.batch_requests = Histogram(
             "batch_requests", "Requests merged into one model batch.", buckets=REQUESTS_PER_BATCH_BUCKETS, **on
         )
-        self.queue_depth = Gauge("queue_depth", "Requests waiting for the batcher.", **on)
-        self.model = Gauge("model_info", "The model serving now (value 1).", ["name", "version"], **on)
+        # multiprocess_mode: how the supervisor of several workers merges a gauge (ignored in one process)
+        self.queue_depth = Gauge("queue_depth", "Requests waiting for the batcher.", multiprocess_mode="livesum", **on)
+        self.model = Gauge("model_info", "The model serving now (value 1).", ["name", "version"],
+                           multiprocess_mode="livemax", **on)
         self._model_labels: tuple[str, str] | None = None
         self._model_lock = threading.Lock()
+        # a value in a multiprocess file cannot be removed, only set to 0 (WorkerMetrics drops those)
+        self._multiprocess = bool(getattr(values.ValueClass, "_multiprocess", False))
         self.model_loads = Counter("model_loads", "Model load attempts by outcome (ok / failed).", ["outcome"], **on)
-        self.reload_failed = Gauge("model_reload_failed", "1 while the newest model load attempt failed, else 0.", **on)
+        self.reload_failed = Gauge("model_reload_failed", "1 while the newest model load attempt failed, else 0.",
+                                   multiprocess_mode="livemax", **on)
         self.last_reload_failure = Gauge(
-            "model_last_reload_failure_timestamp_seconds", "Unix time of the last failed model load; 0: none.", **on
+            "model_last_reload_failure_timestamp_seconds", "Unix time of the last failed model load; 0: none.",
+            multiprocess_mode="max", **on
         )
         for code in STATUS_CODES:
             self.requests.labels(code=code)
@@ -150,13 +170,18 @@ class ServerMetrics:
     def set_model(self, name: str, version: str) -> None:
         """Publish the model serving now; replaces the previous ``name``/``version`` label set.
 
-        The new series is added before the old one is removed, so a scrape never sees no model.
+        The new series is added before the old one is removed, so a scrape never sees no model. In
+        multiprocess mode the old series is set to 0 instead (files keep every series), and
+        :class:`WorkerMetrics` leaves out the versions no live worker serves.
         """
         with self._model_lock:
             old, self._model_labels = self._model_labels, (name, version)
             self.model.labels(name=name, version=version).set(1)
             if old is not None and old != self._model_labels:
-                self.model.remove(*old)
+                if self._multiprocess:
+                    self.model.labels(*old).set(0)
+                else:
+                    self.model.remove(*old)
 
     def model_load(self, ok: bool) -> None:
         """Record one model load attempt (initial load or reload).
@@ -176,6 +201,81 @@ class ServerMetrics:
         self.reload_failed.set(0)
 
 
+class _MergedWorkers(Collector):
+    """Every worker's series from a multiprocess directory, merged; ``model_info`` only where 1."""
+
+    def __init__(self, path: str, namespace: str) -> None:
+        self._files = MultiProcessCollector(None, path)
+        self._model_info = f"{namespace}_model_info"
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._files.collect():
+            if metric.name == self._model_info:  # versions that no live worker serves any more read 0
+                metric.samples = [s for s in metric.samples if s.value != 0]
+            yield metric
+
+
+class _Supervisor(Collector):
+    """The supervisor's own series, read from :class:`WorkerMetrics` at scrape time."""
+
+    def __init__(self, owner: WorkerMetrics, namespace: str) -> None:
+        self._owner = owner
+        self._namespace = namespace
+
+    def collect(self) -> Iterator[Metric]:
+        serving = GaugeMetricFamily(f"{self._namespace}_workers_serving", "Worker processes reporting SERVING.")
+        serving.add_metric([], float(self._owner.serving))
+        restarts = CounterMetricFamily(
+            f"{self._namespace}_worker_restarts", "Worker processes restarted after an unexpected exit."
+        )
+        restarts.add_metric([], float(self._owner.restarts))
+        yield serving
+        yield restarts
+
+
+class WorkerMetrics:
+    """The supervisor's registry: every worker's :class:`ServerMetrics` merged, plus its own two series.
+
+    The workers must run with ``PROMETHEUS_MULTIPROC_DIR=path`` in their environment from their
+    start (prometheus_client picks multiprocess mode when it is imported); the supervisor itself
+    writes nothing there.
+
+    Args:
+        path: the multiprocess directory (fresh and empty when the first worker starts).
+        namespace: the workers' metric prefix.
+
+    Raises:
+        ValueError: ``path`` is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> m = WorkerMetrics(tempfile.mkdtemp())
+        >>> m.set_serving(2)
+        >>> m.registry.get_sample_value("ranker_workers_serving")
+        2.0
+    """
+
+    def __init__(self, path: str, namespace: str = "ranker") -> None:
+        self.path = path
+        self.serving = 0  # written by the supervisor loop, read by scrapes (an int store is atomic)
+        self.restarts = 0
+        self.registry = CollectorRegistry()
+        self.registry.register(_MergedWorkers(path, namespace))
+        self.registry.register(_Supervisor(self, namespace))
+
+    def set_serving(self, n: int) -> None:
+        """How many workers report SERVING now."""
+        self.serving = n
+
+    def worker_restarted(self) -> None:
+        """Count one restart of a worker that exited unexpectedly."""
+        self.restarts += 1
+
+    def worker_exited(self, pid: int) -> None:
+        """Forget the live gauges (queue depth, model, reload failed) of a worker that is gone; its counts stay."""
+        mark_process_dead(pid, self.path)
+
+
 class _QuietHandler(WSGIRequestHandler):
     """Request handler that does not write an access-log line to stderr for every scrape."""
 
@@ -184,7 +284,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def start_metrics_server(
-    metrics: ServerMetrics, host: str = "127.0.0.1", port: int = 0
+    metrics: ServerMetrics | WorkerMetrics, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[int, Callable[[], None]]:
     """Serve ``metrics.registry`` in Prometheus text format over HTTP on a daemon thread.
 
@@ -195,7 +295,7 @@ def start_metrics_server(
     Prometheus scrapes ``/metrics``. Nothing runs on the gRPC event loop.
 
     Args:
-        metrics: whose registry to expose.
+        metrics: whose registry to expose (one server's, or the merged registry of several workers).
         host: address to bind (IPv4 or IPv6; ``0.0.0.0`` to be scraped from other hosts).
         port: port to bind; 0 picks a free one.
 

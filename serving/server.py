@@ -64,6 +64,8 @@ class ServerOptions:
         batching: the dynamic batcher's knobs (``BatcherConfig``; ``enabled=False`` turns it off).
         reload_interval_s: poll the model URI this often and swap in a new version; 0 = never.
         metrics_port: serve Prometheus ``/metrics`` on this port of ``host``; None = no endpoint, 0 = a free one.
+        reuse_port: bind with the gRPC option ``grpc.so_reuseport=1`` so that several processes
+            share ``host:port`` (``serving.workers``); False leaves gRPC's default.
     """
 
     host: str = "127.0.0.1"
@@ -75,6 +77,7 @@ class ServerOptions:
     batching: BatcherConfig = field(default_factory=BatcherConfig)
     reload_interval_s: float = 0.0
     metrics_port: int | None = None
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -381,6 +384,8 @@ def create_server(holder: ModelHolder, options: ServerOptions | None = None, **o
     opts = dataclasses.replace(options or ServerOptions(), **overrides)
     limits = [("grpc.max_receive_message_length", opts.max_message_bytes),
               ("grpc.max_send_message_length", opts.max_message_bytes)]
+    if opts.reuse_port:
+        limits.append(("grpc.so_reuseport", 1))
     server = grpc.aio.server(options=limits)
     metrics = ServerMetrics()
     holder.listeners.append(_reload_listener(metrics))
@@ -437,6 +442,7 @@ async def serve(
     grace_s: float = 5.0,
     ready_file: str | None = None,
     options: ServerOptions | None = None,
+    on_serving: Callable[[RankingServer], None] | None = None,
     **overrides: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully.
@@ -447,10 +453,18 @@ async def serve(
         grace_s: seconds requests in flight get to finish at shutdown.
         ready_file: once SERVING, the bound port is written here (atomically) for scripts to wait on.
         options, overrides: see :class:`ServerOptions` (``host``, ``port``, ``max_candidates``, ...).
+        on_serving: called once SERVING, after ``ready_file`` (a worker of ``serving.workers``
+            tells its supervisor); an exception in it stops the server and propagates.
     """
     rs = await start_server(model_uri, tracking_uri, options, **overrides)
     if ready_file:
         _write_atomically(Path(ready_file), f"{rs.port}\n")
+    if on_serving is not None:
+        try:
+            on_serving(rs)
+        except BaseException:
+            await rs.stop(0)
+            raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
