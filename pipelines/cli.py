@@ -193,10 +193,11 @@ def serve_cmd(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
     max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = 1000,
     max_batch_candidates: Annotated[int, typer.Option(help="Most candidates in one batched forward pass.")] = 1000,
-    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for a batch to fill (µs).")] = (
-        2000
-    ),
+    max_queue_delay_us: Annotated[int, typer.Option(
+        help="Longest a request may wait for a batch to fill (µs); spent only while others are expected.")] = 2000,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond: RESOURCE_EXHAUSTED.")] = 256,
+    max_queue_wait_ms: Annotated[float, typer.Option(
+        help="Refuse (RESOURCE_EXHAUSTED) a request whose expected wait exceeds this (ms); 0 = no budget.")] = 0.0,
     batching: Annotated[bool, typer.Option(help="Batch candidates across concurrent requests.")] = True,
     reload_interval_s: Annotated[float, typer.Option(help="Poll the model URI every N s; 0 = off.")] = (
         30.0
@@ -220,11 +221,14 @@ def serve_cmd(
 
     if log_format not in ("json", "text"):
         raise ValueError(f"--log-format must be json or text, got {log_format!r}")
+    if not 0 <= max_queue_wait_ms < float("inf"):  # also refuses NaN
+        raise ValueError(f"--max-queue-wait-ms must be a finite number >= 0 (0: no budget), got {max_queue_wait_ms}")
     options = ServerOptions(
         host=host, port=port, max_candidates=max_candidates, max_message_bytes=max_message_mb * 1024 * 1024,
         tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
         batching=BatcherConfig(max_batch_candidates=max_batch_candidates, max_queue_delay_us=max_queue_delay_us,
-                               max_queue=max_queue, enabled=batching),
+                               max_queue=max_queue, max_queue_wait_us=round(max_queue_wait_ms * 1000),
+                               enabled=batching),
         reload_interval_s=reload_interval_s, metrics_port=metrics_port,
     )
     if torch_threads < 1:

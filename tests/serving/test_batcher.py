@@ -17,7 +17,17 @@ import polars as pl
 import pytest
 
 from ranking.inference import InferenceModel
-from serving.batcher import BatcherClosed, BatcherConfig, BatchObserver, DeadlineExceeded, DynamicBatcher, QueueFull
+from serving.batcher import (
+    ArrivalGap,
+    BatcherClosed,
+    BatcherConfig,
+    BatchObserver,
+    CostFit,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+    WouldExceedBudget,
+)
 
 Request = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # (user, context, candidates)
 WAIT_S = 2.0  # safety timeout for events that should fire at once
@@ -142,18 +152,48 @@ def test_full_batch_is_cut_without_waiting_for_the_delay() -> None:
     assert rec.calls == [["a", "b"]]
 
 
-def test_lone_request_waits_for_the_queue_delay() -> None:
+def test_lone_request_is_cut_at_once_however_long_the_delay() -> None:
+    """No wait for nothing: with nobody else expected, a 200 ms queue delay adds nothing."""
     rec = Recorder()
-    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=50_000))
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=200_000))
 
-    async def main() -> float:
-        start = time.perf_counter()
-        await submit(batcher, "a", 10)
-        elapsed = time.perf_counter() - start
+    async def main() -> list[float]:
+        elapsed = []
+        for i in range(3):  # the very first request, then two more 0.3 s apart (longer than the delay)
+            if i:
+                await asyncio.sleep(0.3)
+            start = time.perf_counter()
+            await submit(batcher, f"r{i}", 10)
+            elapsed.append(time.perf_counter() - start)
         await batcher.close()
         return elapsed
 
-    assert 0.045 <= run(main()) < 0.5
+    assert all(e < 0.1 for e in run(main()))  # each far under the 200 ms delay
+    assert rec.calls == [["r0"], ["r1"], ["r2"]]
+    gap = batcher.arrival_gap_s
+    assert gap is not None and gap >= 0.25
+
+
+def test_steady_stream_still_fills_batches_under_a_long_delay() -> None:
+    """Requests every ~5 ms and an idle worker: waiting is worth it, so batches fill up to the cap."""
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=200_000))
+
+    async def main() -> list[str]:
+        tasks = []
+        for i in range(40):  # open loop: 40 arrivals, 10 candidates each
+            tasks.append(submit(batcher, f"r{i}", 10))
+            await asyncio.sleep(0.005)
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return results
+
+    assert run(main()) == [f"result:r{i}" for i in range(40)]
+    assert rec.seen == [f"r{i}" for i in range(40)]
+    sizes = list(batcher.stats.batch_requests)
+    # without waiting each request would run alone (the worker is idle between arrivals)
+    assert len(sizes) <= 10 and sum(sizes) / len(sizes) >= 4, sizes
+    assert max(sizes) == 10  # cut when full, not at the delay
 
 
 # ----------------------------------------------------------------------------- admission
@@ -221,6 +261,203 @@ def test_cancelled_caller_leaves_the_queue() -> None:
 
     run(main())
     assert rec.seen == ["busy", "stays"]
+
+
+# --------------------------------------------------------------- admission by expected wait
+FIXED_S = 0.02  # Sleeper: seconds every batch costs
+PER_CANDIDATE_S = 0.001  # Sleeper: seconds per candidate
+
+
+class Sleeper:
+    """A batch function that costs a known time: ``fixed_s + per_candidate_s * candidates``."""
+
+    def __init__(self, fixed_s: float = FIXED_S, per_candidate_s: float = PER_CANDIDATE_S) -> None:
+        self.fixed_s, self.per_candidate_s = fixed_s, per_candidate_s
+        self.calls: list[list[str]] = []
+        self.started = threading.Event()  # set when a batch begins; the test clears it
+
+    def __call__(self, items: list[tuple[str, int]]) -> list[str]:
+        self.calls.append([name for name, _ in items])
+        self.started.set()
+        time.sleep(self.fixed_s + self.per_candidate_s * sum(n for _, n in items))
+        return [f"result:{name}" for name, _ in items]
+
+
+async def measured(batcher: DynamicBatcher[Any, Any], sizes: list[int]) -> None:
+    """Run one request per size, each alone (awaited before the next), so the fit sees known batches."""
+    for i, n in enumerate(sizes):
+        await batcher.submit((f"warm{i}", n), n_candidates=n)
+
+
+async def backlog(batcher: DynamicBatcher[Any, Any], sleeper: Sleeper, running: int, queued: int = 0) -> list[Any]:
+    """A batch of ``running`` candidates on the worker and, unless 0, one of ``queued`` waiting behind it."""
+    sleeper.started.clear()
+    tasks = [submit(batcher, "running", running)]
+    assert await asyncio.to_thread(sleeper.started.wait, WAIT_S)
+    if queued:
+        tasks.append(submit(batcher, "queued", queued))
+        await asyncio.sleep(0)  # let it enqueue
+        assert batcher.queue_depth == 1, tasks[-1]
+    return tasks
+
+
+def test_fitted_cost_converges_to_the_true_cost() -> None:
+    sleeper = Sleeper(fixed_s=0.004, per_candidate_s=1e-4)
+    batcher = DynamicBatcher(sleeper, BatcherConfig(max_queue_wait_us=0))
+    sizes = [10, 200, 50, 300, 100, 20] * 5
+
+    async def main() -> tuple[float | None, float | None]:
+        assert batcher.costs is None and batcher.estimated_wait_s(100) is None  # nothing measured yet
+        await measured(batcher, sizes)
+        idle = batcher.estimated_wait_s(100)
+        await batcher.close()
+        return idle, batcher.estimated_wait_s(100)
+
+    idle, after = run(main())
+    costs = batcher.costs
+    assert costs is not None and costs.batches == len(sizes)
+    # sleep only overshoots, and mostly by a constant: that lands in the fixed part
+    assert 0.8e-4 <= costs.per_candidate_s <= 1.5e-4, costs
+    assert 0.002 <= costs.fixed_s <= 0.004 + 0.010, costs
+    assert idle == pytest.approx(costs.seconds(1, 100)) and after == idle  # idle: its own batch only
+
+
+def test_request_with_a_deadline_shorter_than_the_expected_wait_is_refused_at_once() -> None:
+    sleeper = Sleeper()
+    batcher = DynamicBatcher(sleeper, BatcherConfig(max_queue_wait_us=0))  # deadlines only
+
+    async def main() -> tuple[float, float, WouldExceedBudget]:
+        await measured(batcher, [10, 100, 50])
+        ahead = await backlog(batcher, sleeper, running=100, queued=300)  # ~0.12 s running, 0.32 s queued
+        estimate = batcher.estimated_wait_s(100)
+        start = time.perf_counter()
+        with pytest.raises(WouldExceedBudget, match=r"remaining deadline of \d+\.\d ms") as refused:
+            await batcher.submit(("short", 100), n_candidates=100, deadline=time.monotonic() + 0.05)
+        refused_after = time.perf_counter() - start
+        patient = submit(batcher, "patient", 100, deadline=time.monotonic() + 5.0)
+        assert await asyncio.gather(*ahead, patient) == ["result:running", "result:queued", "result:patient"]
+        assert estimate is not None
+        return estimate, refused_after, refused.value
+
+    estimate, refused_after, err = run(main())
+    assert estimate > 0.4  # the rest of 0.12 s running, then 0.02 + 0.4 s for the next batch
+    assert refused_after < 0.01  # no await before refusing; a batch here takes >= 0.03 s
+    assert issubclass(WouldExceedBudget, QueueFull)  # the server answers RESOURCE_EXHAUSTED for both
+    assert err.estimate_s > err.limit_s and 0.04 < err.limit_s <= 0.05
+    assert str(err).startswith(f"estimated wait {err.estimate_s * 1e3:.1f} ms exceeds")
+    assert "short" not in {n for c in sleeper.calls for n in c} and ["queued", "patient"] in sleeper.calls
+    assert batcher.stats.rejected == batcher.stats.over_budget == 1
+
+
+def test_server_budget_refuses_a_request_without_deadline_and_admits_a_short_wait() -> None:
+    sleeper = Sleeper()
+    batcher = DynamicBatcher(sleeper, BatcherConfig(max_queue_wait_us=200_000))
+
+    async def main() -> None:
+        await measured(batcher, [10, 100, 50])
+        ahead = await backlog(batcher, sleeper, running=300)  # ~0.32 s on the worker
+        with pytest.raises(WouldExceedBudget, match=r"exceeds max_queue_wait_us of 200\.0 ms"):
+            await batcher.submit(("no deadline", 10), n_candidates=10)
+        with pytest.raises(WouldExceedBudget, match="max_queue_wait_us"):  # the budget is the tighter limit
+            await batcher.submit(("long deadline", 10), n_candidates=10, deadline=time.monotonic() + 60)
+        assert await asyncio.gather(*ahead) == ["result:running"]
+        # a small batch running: ~0.03 s left plus ~0.03 s of its own, well inside 0.2 s
+        small = await backlog(batcher, sleeper, running=10, queued=10)
+        estimate = batcher.estimated_wait_s(10)
+        assert estimate is not None and estimate < 0.15
+        assert await asyncio.gather(*small, submit(batcher, "fits", 10)) == [
+            "result:running", "result:queued", "result:fits",
+        ]
+        await batcher.close()
+
+    run(main())
+    assert batcher.stats.rejected == batcher.stats.over_budget == 2
+
+
+def test_nothing_ahead_or_nothing_measured_is_always_admitted() -> None:
+    sleeper = Sleeper()
+    batcher = DynamicBatcher(sleeper, BatcherConfig(max_queue_wait_us=1))  # a 1 µs budget
+
+    async def main() -> list[str]:
+        first = await batcher.submit(("first", 10), n_candidates=10)  # nothing measured yet
+        idle = await batcher.submit(("idle", 10), n_candidates=10)  # measured, but nothing ahead
+        ahead = submit(batcher, "ahead", 10)
+        await asyncio.sleep(0)  # queued: now something is ahead
+        with pytest.raises(WouldExceedBudget):
+            await batcher.submit(("behind", 10), n_candidates=10)
+        results = [first, idle, await ahead]
+        await batcher.close()
+        return results
+
+    assert run(main()) == ["result:first", "result:idle", "result:ahead"]
+    assert batcher.stats.over_budget == 1
+
+
+def test_queued_batches_follow_the_cut_rule_through_cancellation_and_expiry() -> None:
+    rec = Recorder(block=True)
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=0))
+
+    async def main() -> None:
+        first = await busy(batcher, rec)
+        assert batcher.estimated_wait_s() is None  # the running batch is not measured yet: admit all
+        sizes = {"a": 60, "b": 30, "c": 20, "d": 90, "e": 10}
+        tasks = {k: submit(batcher, k, n, deadline=time.monotonic() + (0.03 if k == "c" else 5.0))
+                 for k, n in sizes.items()}
+        await asyncio.sleep(0)
+        assert batcher.queued_batches == 3  # [a b] [c] [d e]
+        tasks["b"].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks["b"]
+        assert batcher.queued_batches == 2  # [a c] [d e]
+        await asyncio.sleep(0.06)  # c expires while the worker is busy
+        rec.release.set()
+        assert await asyncio.gather(first, tasks["a"], tasks["d"], tasks["e"]) == [
+            "result:busy", "result:a", "result:d", "result:e",
+        ]
+        with pytest.raises(DeadlineExceeded):
+            await tasks["c"]
+        assert batcher.queued_batches == 0 and batcher.queued_candidates == 0
+        await batcher.close()
+
+    run(main())
+    assert rec.calls == [["busy"], ["a"], ["d", "e"]]
+
+
+def test_cost_fit_recovers_exact_costs_and_stays_non_negative() -> None:
+    exact = CostFit()
+    for n in [5, 500, 50, 1000, 200]:
+        exact.add(n, 0.003 + 2e-5 * n)
+    assert exact.costs is not None
+    assert exact.costs.fixed_s == pytest.approx(0.003) and exact.costs.per_candidate_s == pytest.approx(2e-5)
+
+    one_size = CostFit()  # every batch full: fixed and per-candidate cannot be told apart
+    for _ in range(5):
+        one_size.add(1000, 0.05)
+    assert one_size.costs is not None and one_size.costs.fixed_s == 0.0 and one_size.costs.batches == 5
+    assert one_size.costs.per_candidate_s == pytest.approx(5e-5)
+
+    falling = CostFit()  # larger batches cheaper: no negative per-candidate cost
+    for n, s in [(10, 0.05), (100, 0.04), (1000, 0.03)]:
+        falling.add(n, s)
+    assert falling.costs is not None and falling.costs.per_candidate_s == 0.0 and falling.costs.fixed_s > 0
+
+    drift = CostFit(decay=0.8)  # the model got twice as slow: the fit follows within tens of batches
+    for i in range(60):
+        n = [10, 300][i % 2]
+        drift.add(n, (1 if i < 30 else 2) * 1e-4 * n)
+    assert drift.costs is not None and drift.costs.per_candidate_s == pytest.approx(2e-4, rel=0.01)
+
+
+def test_arrival_gap_caps_long_idle_spells() -> None:
+    gap = ArrivalGap(cap_s=0.004, alpha=0.5)
+    gap.add(0.0)
+    assert gap.mean_s is None
+    gap.add(10.0)  # ten seconds idle counts as the cap
+    assert gap.mean_s == pytest.approx(0.004)
+    for t in (10.001, 10.002, 10.003):
+        gap.add(t)
+    assert gap.mean_s == pytest.approx(0.001375)  # halfway to 1 ms each time: 4 -> 2.5 -> 1.75 -> 1.375 ms
+    assert gap.last == 10.003
 
 
 # -------------------------------------------------------------------------------- errors
@@ -361,6 +598,7 @@ def test_close_drains_the_queue_and_then_refuses() -> None:
         ({"max_batch_candidates": 0}, "max_batch_candidates"),
         ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
         ({"max_queue": 0}, "max_queue"),
+        ({"max_queue_wait_us": -1}, "max_queue_wait_us"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
