@@ -30,6 +30,7 @@ from typing import Any
 
 import polars as pl
 
+from features.columns import Jagged
 from features.spec import DenseFeature, FeatureSpec, SparseFeature, parse_spec
 
 FORMAT_VERSION = 1
@@ -239,6 +240,8 @@ class FittedTransform:
     def _typed(self, column: str, values: pl.Series | list[Any]) -> pl.Series:
         """Values of one raw column in the dtype seen at fit time; a mismatch names the column."""
         kind = self.raw_types[column]
+        if isinstance(values, Jagged):
+            values = values.to_series()
         try:
             return pl.Series(column, values, strict=False).cast(_DTYPES[kind], strict=True)
         except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:

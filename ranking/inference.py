@@ -2,6 +2,13 @@
 
 This is what serving wraps; it never touches Lightning.
 
+Two paths score the same rows. The serving path (:meth:`InferenceModel.score_requests`) runs the
+serving plan (``features.plan``: the fitted transform compiled to numpy at load time) and the fused
+network (``ranking.fused``: request-side features once per request, tables as plain tensors). The
+reference path (:meth:`InferenceModel.reference_score_requests`, :meth:`InferenceModel.score_frame`)
+is the Polars transform and the training network, as offline evaluation runs them; parity tests
+keep the two equal.
+
 Objective scores: the probability for binary tasks, the prediction on the task's label scale
 (e.g. log1p seconds of watch time) for regression tasks. The combined score is the YouTube form,
 a weighted sum ``sum_t w_t * sign_t * score_t`` with ``sign_t = -1`` for tasks where lower is better
@@ -18,8 +25,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from features.plan import ServingPlan
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
+from ranking.fused import FusedScorer
 
 
 class InferenceModel:
@@ -38,6 +47,8 @@ class InferenceModel:
         self.default_weights: dict[str, float] = {t.name: t.serving_weight for t in self.config.tasks}
         self._sign = {t.name: (1.0 if t.higher_is_better else -1.0) for t in self.config.tasks}
         self._binary = {t.name for t in self.config.tasks if t.type == "binary"}
+        self.plan = ServingPlan.from_fitted(self.fitted)  # lookup tables, cut points, formulas: once
+        self.scorer = FusedScorer(self.model, self.plan)  # weights rearranged for serving: once
 
     @classmethod
     def load(cls, path: str | Path) -> InferenceModel:
@@ -62,17 +73,18 @@ class InferenceModel:
         self, user: dict[str, Any], context: dict[str, Any], candidates: dict[str, Any]
     ) -> dict[str, np.ndarray]:
         """Raw features of one request (user/context once, candidates column-wise) -> scores."""
-        return self.score_frame(self.fitted.transform_request(user, context, candidates))
+        return self.score_requests([(user, context, candidates)])[0]
 
     def score_requests(
         self, requests: Sequence[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
     ) -> list[dict[str, np.ndarray]]:
         """Several requests in one forward pass: what the serving dynamic batcher runs.
 
-        The requests are transformed together (each user and context broadcast to its own
-        candidates, as in :meth:`score_request`), scored once and the scores split back.
-        Scoring is row-wise, so request ``i`` gets the scores
-        ``score_request(*requests[i])`` gives, up to float rounding of the larger matmuls.
+        The serving plan encodes the requests together (user and context features once per
+        request), the fused network scores them in one forward pass, and the scores are split
+        back. Scoring is row-wise, so request ``i`` gets the scores ``score_request(*requests[i])``
+        gives, up to float rounding of the larger matmuls, and those of
+        :meth:`reference_score_requests` to 1e-5.
 
         Args:
             requests: ``(user, context, candidates)`` per request, as :meth:`score_request` takes them.
@@ -91,12 +103,20 @@ class InferenceModel:
         """
         if not requests:
             return []
+        batch = self.plan.encode(requests)  # numpy arrays, request-side features (R,)
+        scores = self.scorer.score(batch).numpy()  # (T, sum C_i)
+        return _split(self.tasks, scores, batch.sizes)
+
+    def reference_score_requests(
+        self, requests: Sequence[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`score_requests` the reference way: the Polars transform and the training network."""
+        if not requests:
+            return []
         frame = self.fitted.transform_requests(list(requests))  # (sum C_i) rows, one Polars query
         scores = self.score_frame(frame)  # task -> (sum C_i,)
-        sizes = [len(next(iter(cands.values()), ())) for _, _, cands in requests]  # C_i
-        bounds = np.cumsum(sizes)[:-1]  # (R - 1,) where request i + 1 starts
-        split = {t: np.split(s, bounds) for t, s in scores.items()}  # task -> R arrays (C_i,)
-        return [{t: parts[i] for t, parts in split.items()} for i in range(len(requests))]
+        sizes = np.array([len(next(iter(cands.values()), ())) for _, _, cands in requests])  # C_i
+        return _split(self.tasks, np.stack([scores[t] for t in self.tasks]), sizes)
 
     def combine(self, scores: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
         """Weighted sum of objective scores; ``weights`` override the defaults per task.
@@ -116,3 +136,11 @@ class InferenceModel:
         for t in self.tasks:
             total += w[t] * self._sign[t] * scores[t].astype(np.float64)  # float32 * 1e39 would overflow
         return total
+
+
+def _split(tasks: list[str], scores: np.ndarray, sizes: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """(T, N) scores -> one dict task -> (C_i,) per request (views, no copies)."""
+    bounds = np.cumsum(sizes)  # (R,) where each request ends
+    starts = bounds - sizes
+    spans = zip(starts.tolist(), bounds.tolist(), strict=True)
+    return [{t: scores[j, a:b] for j, t in enumerate(tasks)} for a, b in spans]

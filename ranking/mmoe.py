@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchrec import KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor  # noqa: F401  # the docstring's example uses it
 
 from ranking.blocks import Experts
 from ranking.config import ModelConfig
@@ -45,10 +45,8 @@ class MMoE(RankingModel):
         self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
         self.gates = nn.ModuleDict({t: Gate(self.width, config.num_experts, config.gating) for t in self.task_names})
 
-    def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
-    ) -> ModelOutput:
-        x = self.embed(sparse, dense)  # (B, D)
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+        """The front's (B, D) -> predictions."""
         experts = self.experts(x)  # (B, E, De)
         gates = self.dense_gates(x)
         if gates is None:

@@ -118,6 +118,20 @@ class RankingModel(nn.Module):
         """Create the variant's modules between the front (width ``self.width``) and the towers."""
         raise NotImplementedError
 
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """embed -> head: ids and dense features of B rows -> predictions."""
+        return self.head(self.embed(sparse, dense), position)  # (B, D) -> logits per task
+
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+        """The variant's mixing, towers and position bias on the front's output ``x`` (B, D).
+
+        Split from ``forward`` so that a serving module (``ranking.fused``) can compute the front
+        its own way (request-side embeddings once per request) and reuse the rest as it is.
+        """
+        raise NotImplementedError
+
     @property
     def width(self) -> int:
         """D, the width of what ``embed`` returns (the mixing part's input)."""
@@ -238,10 +252,8 @@ class SingleTask(RankingModel):
         dims = (*config.bottom_dims, *config.expert_dims)
         self.task_nets = nn.ModuleDict({t: MLP(self.width, dims, config.dropout) for t in self.task_names})
 
-    def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
-    ) -> ModelOutput:
-        x = self.embed(sparse, dense)  # (B, D): embeddings ++ dense, no shared layer
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+        """The front's (B, D) -> predictions; x is embeddings ++ dense, with no shared layer."""
         per_task = torch.stack([net(x) for net in self.task_nets.values()], dim=1)  # (B, T, De)
         return self.predict(per_task, position)
 
@@ -262,10 +274,8 @@ class SharedBottom(RankingModel):
     def build_mixing(self, config: ModelConfig) -> None:
         self.shared = MLP(self.width, config.expert_dims, config.dropout)
 
-    def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
-    ) -> ModelOutput:
-        x = self.embed(sparse, dense)  # (B, D)
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+        """The front's (B, D) -> predictions."""
         h = self.shared(x)  # (B, De)
         per_task = h.unsqueeze(1).expand(-1, len(self.task_names), -1)  # (B, T, De): same input to every tower
         return self.predict(per_task, position)
@@ -291,10 +301,8 @@ class OMoE(RankingModel):
         self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
         self.gate = Gate(self.width, config.num_experts, config.gating)
 
-    def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
-    ) -> ModelOutput:
-        x = self.embed(sparse, dense)  # (B, D)
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+        """The front's (B, D) -> predictions."""
         experts = self.experts(x)  # (B, E, De)
         gate = self.gate(x)  # (B, E)
         gates = gate.unsqueeze(1).expand(-1, len(self.task_names), -1)  # (B, T, E): one gate, every task
@@ -384,10 +392,8 @@ class PLE(RankingModel):
             ExtractionLevel(w, config, shared_gate=i < last) for i, w in enumerate(widths)
         )
 
-    def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None
-    ) -> ModelOutput:
-        x = self.embed(sparse, dense)  # (B, D)
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+        """The front's (B, D) -> predictions."""
         tasks, shared = x.unsqueeze(1).expand(-1, len(self.task_names), -1), x  # (B, T, D), (B, D)
         routing: list[torch.Tensor] = []
         for level in self.levels:

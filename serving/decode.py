@@ -1,7 +1,9 @@
 """Decode a ``RankRequest`` into the raw feature dicts that ``FittedTransform.transform_request`` takes.
 
-Candidate columns become numpy arrays, Python lists (strings) or Polars list Series (jagged
-columns) straight from the repeated fields, with no Python loop per candidate. Every check that
+Candidate columns become numpy arrays (ints, floats, strings) or :class:`features.columns.Jagged`
+columns (flattened values + lengths) straight from the repeated fields, with no Python loop per
+candidate; the serving plan (``features.plan``) reads them as they are. Every count is checked
+before any repeated field is converted, so an oversized request is refused in microseconds. Every check that
 needs only the request and the feature spec happens here, so that a malformed request fails with a
 message naming the field (``candidates.features['duration_s']: 3 values, expected 5 (one per item
 id)``). Ids that the model has never seen are not errors: the transform maps them to id 0.
@@ -11,16 +13,17 @@ Shape letters: C candidates in the request, L total entries of a jagged column.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
-import polars as pl
-import pyarrow as pa
 
+from features.columns import Jagged
 from features.fitted import FittedTransform
 from protos.ranking.v1 import ranker_pb2 as pb
 
 DEFAULT_MAX_CANDIDATES = 1000
+_RESPONSE_FORMATS = tuple(pb.ResponseFormat.values())
 
 # Oneof kinds a raw type accepts; an empty list of either kind is accepted for any list type.
 _VALUE_KINDS: dict[str, tuple[str, ...]] = {
@@ -47,12 +50,13 @@ class DecodeError(ValueError):
 
 
 class DecodedRequest(NamedTuple):
-    """Raw features of one request, ready for ``transform_request``."""
+    """Raw features of one request, ready for ``ServingPlan.encode`` (or ``transform_request``)."""
 
     user: dict[str, Any]  # raw column -> scalar or list
     context: dict[str, Any]
-    candidates: dict[str, Any]  # raw column -> (C,) ndarray, list[str] or pl.Series of lists
+    candidates: dict[str, Any]  # raw column -> (C,) ndarray (ints, floats, str) or Jagged
     item_ids: list[str]  # (C,) ids as the response reports them
+    weights: dict[str, float]  # objective weight overrides, already checked (names known, finite, >= 0)
 
 
 def decode_request(
@@ -77,13 +81,19 @@ def decode_request(
     spec = fitted.spec
     item_key = spec.keys.item
     ids_field = "candidates.item_ids"
-    item_kind = fitted.raw_types.get(item_key, "id")
-    raw_ids = _column(ids_field, req.candidates.item_ids, item_kind, n=None)
-    n = len(raw_ids)
+    if req.candidates.item_ids.WhichOneof("kind") is None:
+        raise DecodeError(f"{ids_field}: no column set (expected the candidates' item ids)")
+    n = count_candidates(req)  # before anything is converted: a 100,000-id column is refused at once
     if n == 0:
         raise DecodeError(f"{ids_field}: no candidates; at least one item id is required")
     if n > max_candidates:
         raise DecodeError(f"{ids_field}: {n} candidates, at most {max_candidates} are allowed")
+    weights = _weights(req, [t.name for t in spec.tasks])
+    if req.response_format not in _RESPONSE_FORMATS:
+        known = ", ".join(f"{pb.ResponseFormat.Name(v)} ({v})" for v in _RESPONSE_FORMATS)
+        raise DecodeError(f"response_format: unknown value {req.response_format}; expected one of {known}")
+    item_kind = fitted.raw_types.get(item_key, "id") if item_key is not None else "id"
+    raw_ids = _column(ids_field, req.candidates.item_ids, item_kind, n=None)
     item_ids = _as_strings(raw_ids)
 
     user = _values("user", req.user, spec.features_from("user"), fitted.raw_types)
@@ -99,7 +109,59 @@ def decode_request(
     }
     if item_key in spec.features_from("item"):
         candidates[item_key] = raw_ids
-    return DecodedRequest(user, context, candidates, item_ids)
+    _check_valid_min(fitted, user, context, candidates)
+    return DecodedRequest(user, context, candidates, item_ids, weights)
+
+
+def count_candidates(req: pb.RankRequest) -> int:
+    """Item ids a request carries, read from the field's length alone (0 when unset)."""
+    col = req.candidates.item_ids
+    kind = col.WhichOneof("kind")
+    if kind is None:
+        return 0
+    part = getattr(col, kind)
+    return len(part.lengths) if kind in _LIST_COLUMN_KINDS else len(part.values)
+
+
+def _weights(req: pb.RankRequest, tasks: list[str]) -> dict[str, float]:
+    """Objective weight overrides, checked before any feature is converted."""
+    out: dict[str, float] = {}
+    for name, value in req.objective_weights.items():
+        if name not in tasks:
+            raise DecodeError(f"objective_weights: unknown objective {_clip(name)!r}; known: {tasks}")
+        if not math.isfinite(value) or value < 0:
+            raise DecodeError(f"objective_weights: objective weight for {name!r} must be finite and >= 0, got {value}")
+        out[name] = float(value)
+    return out
+
+
+def _check_valid_min(fitted: FittedTransform, user: dict[str, Any], context: dict[str, Any],
+                     candidates: dict[str, Any]) -> None:
+    """A dense value below the spec's ``valid_min`` is refused, naming field, index and value.
+
+    Training quarantines such rows (``features.validate``: e.g. a negative duration); scoring
+    them would silently give them another meaning (``log1p`` clips them to 0), so serving refuses
+    them the same way.
+    """
+    for d in fitted.spec.dense:
+        if d.valid_min is None:
+            continue
+        if d.source == "item":
+            values = candidates[d.raw]
+            bad = np.flatnonzero(values < d.valid_min)
+            if bad.size:
+                i = int(bad[0])
+                raise DecodeError(
+                    f"candidates.features[{d.raw!r}]: value {values[i]} at index {i} is below the "
+                    f"minimum {d.valid_min:g} of the feature's contract ({bad.size} such values)"
+                )
+        else:
+            given = user if d.source == "user" else context
+            if given[d.raw] < d.valid_min:
+                raise DecodeError(
+                    f"{d.source}[{d.raw!r}]: value {given[d.raw]} is below the minimum {d.valid_min:g} "
+                    "of the feature's contract"
+                )
 
 
 # ----------------------------------------------------------------- user / context values
@@ -140,7 +202,7 @@ def _column(field: str, col: pb.FeatureColumn, raw_type: str, n: int | None) -> 
     if n is not None and count != n:
         raise DecodeError(f"{field}: {count} values, expected {n} (one per item id)")
     if kind == "strings":
-        return list(part.values)
+        return _strings(part.values)
     dtype = np.float64 if raw_type == "float" else np.int64
     values = np.asarray(part.values, dtype=dtype)  # (C,)
     if kind == "floats":
@@ -148,26 +210,37 @@ def _column(field: str, col: pb.FeatureColumn, raw_type: str, n: int | None) -> 
     return values
 
 
-def _jagged(field: str, part: Any, raw_type: str, n: int | None) -> pl.Series:
-    """Flattened values + per-candidate lengths -> a (C,) Series of lists, built from offsets."""
+def _jagged(field: str, part: Any, raw_type: str, n: int | None) -> Jagged:
+    """Flattened values + per-candidate lengths -> a :class:`Jagged` column (C lists, L values)."""
+    if n is not None and len(part.lengths) != n:
+        raise DecodeError(f"{field}.lengths: {len(part.lengths)} entries, expected {n} (one per item id)")
     lengths = np.asarray(part.lengths, dtype=np.int64)  # (C,)
-    if n is not None and len(lengths) != n:
-        raise DecodeError(f"{field}.lengths: {len(lengths)} entries, expected {n} (one per item id)")
     total = int(lengths.sum())
     if total != len(part.values):
         raise DecodeError(f"{field}: lengths sum to {total} but {len(part.values)} values were given")
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # (C + 1,)
-    np.cumsum(lengths, out=offsets[1:])
-    inner = pa.int64() if raw_type == "list[int]" else pa.string()
-    flat = pa.array(list(part.values), type=inner)  # (L,)
-    return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), flat))
+    if raw_type == "list[int]":
+        if part.values and isinstance(part.values[0], str):
+            return Jagged(np.zeros(0, dtype=np.int64), lengths)  # only an all-empty string column gets here
+        return Jagged(np.asarray(part.values, dtype=np.int64), lengths)  # (L,)
+    if not isinstance(part.values[0] if part.values else "", str):
+        return Jagged(np.zeros(0, dtype=str), lengths)  # an all-empty int column for a string feature
+    return Jagged(_strings(part.values), lengths)  # (L,)
+
+
+def _strings(values: Any) -> np.ndarray:
+    """Repeated strings -> a numpy str array; object dtype when one holds a NUL character, which
+    fixed-width numpy strings would drop from its end."""
+    items = list(values)
+    if "\x00" in "".join(items):
+        return np.array(items, dtype=object)
+    return np.array(items, dtype=str) if items else np.zeros(0, dtype=str)
 
 
 # ------------------------------------------------------------------------------- helpers
 def _check_names(field: str, given: Any, wanted: list[str], source: str) -> None:
     unknown = sorted(set(given) - set(wanted))
     if unknown:
-        raise DecodeError(f"{field}[{unknown[0]!r}]: unknown {source} feature; known: {wanted}")
+        raise DecodeError(f"{field}[{_clip(unknown[0])!r}]: unknown {source} feature; known: {wanted}")
     missing = [c for c in wanted if c not in given]
     if missing:
         raise DecodeError(f"{field}[{missing[0]!r}]: missing {source} feature; required: {wanted}")
@@ -183,8 +256,15 @@ def _check_finite(field: str, values: np.ndarray) -> None:
 def _as_strings(values: Any) -> list[str]:
     """Item ids as strings, vectorised (ints are rendered in decimal)."""
     if isinstance(values, np.ndarray):
-        return values.astype(str).tolist()  # type: ignore[no-any-return]
+        return values.astype(str).tolist() if values.dtype != object else list(values)  # type: ignore[no-any-return]
     return list(values)
+
+
+_MAX_QUOTED = 200  # characters of a caller-sent name quoted in an error
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_QUOTED else f"{text[:_MAX_QUOTED]}... ({len(text)} characters)"
 
 
 def _article(word: str) -> str:

@@ -17,7 +17,7 @@ from serving.decode import DecodeError, decode_request
 
 
 def test_valid_request_decodes_to_spec_columns(raw_request: Any, fitted: FittedTransform) -> None:
-    user, context, candidates, item_ids = decode_request(raw_request.to_proto(), fitted)
+    user, context, candidates, item_ids, _ = decode_request(raw_request.to_proto(), fitted)
     spec = fitted.spec
     assert user == raw_request.user
     assert context == raw_request.context
@@ -25,12 +25,12 @@ def test_valid_request_decodes_to_spec_columns(raw_request: Any, fitted: FittedT
     assert item_ids == [str(i) for i in raw_request.item_ids]
     np.testing.assert_array_equal(candidates["item_id"], raw_request.item_ids)
     np.testing.assert_allclose(candidates["duration_s"], raw_request.candidates["duration_s"])
-    assert candidates["category"] == raw_request.candidates["category"]
-    assert candidates["tags"].to_list() == raw_request.candidates["tags"]
+    assert candidates["category"].tolist() == raw_request.candidates["category"]
+    assert candidates["tags"].to_series().to_list() == raw_request.candidates["tags"]
 
 
 def test_decoded_request_transforms_like_the_raw_one(raw_request: Any, fitted: FittedTransform) -> None:
-    user, context, candidates, _ = decode_request(raw_request.to_proto(), fitted)
+    user, context, candidates, _, _ = decode_request(raw_request.to_proto(), fitted)
     got = fitted.transform_request(user, context, candidates)
     want = fitted.transform_request(raw_request.user, raw_request.context, raw_request.all_candidates())
     assert got.equals(want)
@@ -40,7 +40,7 @@ def test_jagged_string_lists_rebuilt_from_lengths(raw_request: Any, fitted: Fitt
     req = raw_request.to_proto(top_k=0)
     tags = [["a", "b"], [], ["c"], *raw_request.candidates["tags"][3:]]
     req.candidates.features["tags"].CopyFrom(encode_column(tags))
-    decoded = decode_request(req, fitted).candidates["tags"]
+    decoded = decode_request(req, fitted).candidates["tags"].to_series()
     assert decoded.dtype == pl.List(pl.String)
     assert decoded.to_list() == tags
 
@@ -50,7 +50,7 @@ def test_jagged_int_lists_rebuilt_from_lengths(raw_request: Any, fitted: FittedT
     req = raw_request.to_proto()
     lists = [[1, 2, 3], [], [4], [], [5, 6], [7], [8], [9], [], [10]]
     req.candidates.features["tags"].CopyFrom(encode_column(lists))
-    decoded = decode_request(req, as_int_lists).candidates["tags"]
+    decoded = decode_request(req, as_int_lists).candidates["tags"].to_series()
     assert decoded.dtype == pl.List(pl.Int64)
     assert decoded.to_list() == lists
 
@@ -59,7 +59,7 @@ def test_empty_lists_of_either_kind_fit_any_list_feature(raw_request: Any, fitte
     req = raw_request.to_proto()
     req.candidates.features["tags"].CopyFrom(encode_column([[] for _ in raw_request.item_ids]))
     assert req.candidates.features["tags"].WhichOneof("kind") == "int_lists"
-    assert decode_request(req, fitted).candidates["tags"].to_list() == [[]] * len(raw_request.item_ids)
+    assert decode_request(req, fitted).candidates["tags"].to_series().to_list() == [[]] * len(raw_request.item_ids)
 
 
 def test_ints_are_accepted_for_float_features(raw_request: Any, fitted: FittedTransform) -> None:
@@ -78,7 +78,7 @@ def test_unseen_ids_are_not_errors(raw_request: Any, fitted: FittedTransform) ->
         candidates={**raw_request.candidates, "category": ["never_seen"] * n},
         item_ids=list(range(10**9, 10**9 + n)),
     ).to_proto()
-    user, context, candidates, _ = decode_request(req, fitted)
+    user, context, candidates, _, _ = decode_request(req, fitted)
     frame = fitted.transform_request(user, context, candidates)
     assert (frame["s_item_id"] == 0).all() and (frame["s_user_id"] == 0).all()
 

@@ -42,7 +42,7 @@ ACCEPTABLE = {Code.OK, Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.RES
 # An INVALID_ARGUMENT names the field: a request field path first (decoding), or the quoted feature
 # or objective (errors raised past decoding, by the transform or the objective weights).
 NAMES_A_FIELD = re.compile(
-    r"^(?:request_id|user|context|candidates|objective_weights|top_k|model_version)\b"
+    r"^(?:request_id|user|context|candidates|objective_weights|top_k|model_version|response_format)\b"
     r"|\bobjective (?:weight for )?'|\b(?:feature|column) '"
 )
 CALL_TIMEOUT_S = 10.0
@@ -78,6 +78,7 @@ class Names:
     floats: tuple[str, ...]  # candidate features of raw type "float"
     tasks: tuple[str, ...]
     raw_types: dict[str, str]
+    minimums: dict[str, float]  # raw column -> the spec's valid_min (smaller values are INVALID_ARGUMENT)
     n: int  # candidates in the base request
     max_candidates: int  # the server's setting
 
@@ -171,6 +172,7 @@ def names(fitted: FittedTransform, raw_request: Any, server: Any) -> Names:
         floats=tuple(c for c in item if fitted.raw_types[c] == "float"),
         tasks=tuple(t.name for t in spec.tasks),
         raw_types=dict(fitted.raw_types),
+        minimums={d.raw: d.valid_min for d in spec.dense if d.valid_min is not None},
         n=len(raw_request.item_ids),
         max_candidates=server.rs.options.max_candidates,
     )
@@ -513,7 +515,8 @@ def generated_requests(s: Names) -> st.SearchStrategy[pb.RankRequest]:
 def well_formed_requests(s: Names) -> st.SearchStrategy[pb.RankRequest]:
     """Every feature present with the right kind and random values; valid weights, any top_k.
 
-    Values: any int64, any finite float, any unicode, lists of them; ids mostly never seen.
+    Values: any int64, any finite float at or above the spec's ``valid_min``, any unicode, lists of
+    them; ids mostly never seen.
     """
     raw = {
         "int": INT64,
@@ -523,7 +526,12 @@ def well_formed_requests(s: Names) -> st.SearchStrategy[pb.RankRequest]:
         "list[str]": st.lists(st.text(max_size=12), max_size=6),
     }
     item_kind = s.raw_types.get(s.item_key, "int")
-    columns = {c: {n: st.lists(raw[s.raw_types[c]], min_size=n, max_size=n) for n in range(1, 21)} for c in s.item}
+    def values(c: str) -> st.SearchStrategy[Any]:
+        if c in s.minimums:
+            return st.floats(min_value=s.minimums[c], allow_nan=False, allow_infinity=False)
+        return raw[s.raw_types[c]]
+
+    columns = {c: {n: st.lists(values(c), min_size=n, max_size=n) for n in range(1, 21)} for c in s.item}
     ids = {n: st.lists(raw[item_kind], min_size=n, max_size=n) for n in range(1, 21)}
     weights = st.dictionaries(st.sampled_from(s.tasks), st.floats(0, 1e6))
     top_ks = st.one_of(st.just(0), st.integers(1, 40), UINT32)
@@ -533,8 +541,8 @@ def well_formed_requests(s: Names) -> st.SearchStrategy[pb.RankRequest]:
     def request(draw: st.DrawFn) -> pb.RankRequest:
         n = draw(st.sampled_from(range(1, 21)))
         return build_request(
-            user={c: draw(raw[s.raw_types[c]]) for c in s.user},
-            context={c: draw(raw[s.raw_types[c]]) for c in s.context},
+            user={c: draw(values(c)) for c in s.user},
+            context={c: draw(values(c)) for c in s.context},
             candidates={c: draw(columns[c][n]) for c in s.item},
             item_ids=draw(ids[n]),
             objective_weights=draw(weights),

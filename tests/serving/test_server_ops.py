@@ -70,6 +70,9 @@ def test_full_queue_answers_resource_exhausted_at_once(workspace: Any, raw_reque
     try:
         with grpc.insecure_channel(bg.target) as ch:
             stub = pb_grpc.RankerStub(ch)
+            # A request just before makes the batcher expect more: the next one waits for company
+            # (a lone request at low rate is cut at once).
+            stub.Rank(raw_request.to_proto(request_id="first"), timeout=30)
             first = stub.Rank.future(raw_request.to_proto(request_id="waits"), timeout=30)
             time.sleep(0.3)  # the first one is now queued, waiting for the batch to fill
             t = time.perf_counter()

@@ -1,0 +1,275 @@
+"""The serving network: the artifact's weights rearranged, once at load, for scoring requests.
+
+:class:`FusedScorer` computes what the training model computes for the same rows (a parity test
+holds it to 1e-5 of ``RankingModel.forward``), with none of the per-call work that the training
+path needs and serving does not:
+
+- **Tables as plain tensors, one gather per side.** Every single-valued table of one side
+  (request or item, see below) is flattened into one buffer; a row's embeddings of all features
+  are one ``take`` with an index computed from the ids. No ``KeyedJaggedTensor``, no
+  ``EmbeddingBagCollection`` dispatch; multi-valued features are one ``embedding_bag`` each.
+- **User and context once per request** (TorchEasyRec's input tiling). Request-side features
+  (``features.plan``) are looked up for R requests, not N candidates. The first linear layer
+  that reads the front is split by columns, ``W x = W_item x_item + W_req x_req``: the request
+  part is computed once per request and added to each of its candidates' rows. The first layer
+  is the shared bottom's, or, without a bottom, MMoE's expert input layers and gates fused into
+  one matrix.
+- **MMoE as a handful of batched ops.** The experts' layers are stacked once (one ``baddbmm``
+  per layer for all experts), all task gates are one matmul, the towers are stacked like the
+  experts. Other variants (``omoe``, ``ple``, ``shared_bottom``, ``single_task``) keep their own
+  ``head`` after the fused front.
+
+Inputs are an :class:`features.plan.EncodedBatch`; the output is (T, N) scores: probabilities for
+binary tasks, predictions for regression tasks.
+
+Shape letters: R requests, N candidates of all of them, D width, E experts, T tasks, De expert
+width; ``_r`` / ``_i`` mark request-side and item-side parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from features.plan import EncodedBatch, ServingPlan
+from ranking.blocks import MLP
+from ranking.mmoe import MMoE
+from ranking.models import RankingModel
+
+
+@dataclass(frozen=True)
+class _Side:
+    """Where one side's features sit: in the front's config order and in the side's own layout."""
+
+    singles: list[str]  # single-valued sparse features of the side, config order
+    lists: list[str]  # multi-valued sparse features of the side, config order
+    dense: list[str]  # dense features of the side, the plan's order
+    columns: list[int]  # config-order front columns, in the side's layout order
+
+
+class Front(nn.Module):
+    """One side's inputs -> its part of the front, (n, D_side) in the side's layout.
+
+    Layout: single-valued embeddings (config order), multi-valued pooled embeddings, dense.
+    """
+
+    def __init__(self, model: RankingModel, side: _Side) -> None:
+        super().__init__()
+        bags = model.embeddings.embedding_bags
+        dims = {s.name: s.embedding_dim for s in model.config.sparse}
+        self.singles, self.lists, self.n_dense = side.singles, side.lists, len(side.dense)
+        tables = [bags[f"t_{n}"].weight.detach() for n in side.singles]
+        starts = np.cumsum([0] + [t.numel() for t in tables])[:-1]
+        col_feature, col_scale, col_base = [], [], []
+        for j, (name, start) in enumerate(zip(side.singles, starts, strict=True)):
+            d = dims[name]
+            col_feature += [j] * d
+            col_scale += [d] * d
+            col_base += [int(start) + k for k in range(d)]
+        self.register_buffer("flat", torch.cat([t.reshape(-1) for t in tables]) if tables else torch.zeros(0))
+        self.register_buffer("col_feature", torch.tensor(col_feature, dtype=torch.long))
+        self.register_buffer("col_scale", torch.tensor(col_scale, dtype=torch.long))
+        self.register_buffer("col_base", torch.tensor(col_base, dtype=torch.long))
+        self.list_tables = [bags[f"t_{n}"].weight.detach() for n in side.lists]
+        pooling = {s.name: s.pooling for s in model.config.sparse}
+        self.list_modes = [pooling[n] for n in side.lists]
+        self.width = len(col_base) + sum(dims[n] for n in side.lists) + self.n_dense
+
+    def forward(self, ids: torch.Tensor, lists: list[tuple[torch.Tensor, torch.Tensor]],
+                dense: torch.Tensor) -> torch.Tensor:
+        """ids (n, F_side) int64, per list feature (values (L,), offsets (n,)), dense (n, Dd_side)."""
+        parts = []
+        if self.singles:
+            index = ids.index_select(1, self.col_feature) * self.col_scale + self.col_base  # (n, sum of dims)
+            parts.append(self.flat.take(index))  # (n, sum of dims): every table in one gather
+        for table, mode, (values, offsets) in zip(self.list_tables, self.list_modes, lists, strict=True):
+            parts.append(F.embedding_bag(values, table, offsets, mode=mode))  # (n, d), empty bags -> 0
+        if self.n_dense:
+            parts.append(dense)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (n, D_side)
+
+
+class SplitLinear(nn.Module):
+    """``W x + b`` on the front, with the request columns computed once per request.
+
+    Args:
+        weight: (Out, D) over the front in config order; bias: (Out,).
+        request_cols, item_cols: the config-order columns of each side, in the sides' layouts.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, request_cols: list[int], item_cols: list[int]) -> None:
+        super().__init__()
+        w = weight.detach()
+        self.register_buffer("w_i", w[:, item_cols].t().contiguous())  # (D_i, Out)
+        self.register_buffer("w_r", w[:, request_cols].t().contiguous())  # (D_r, Out)
+        self.register_buffer("bias", bias.detach().clone())  # (Out,)
+        self.has_request = bool(request_cols)
+        self.has_item = bool(item_cols)
+
+    def forward(self, x_r: torch.Tensor, x_i: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """x_r (R, D_r), x_i (N, D_i), owner (N,) request of each candidate -> (N, Out)."""
+        if self.has_request:
+            per_request = torch.addmm(self.bias, x_r, self.w_r)  # (R, Out): once per request
+            base = per_request.index_select(0, owner)  # (N, Out)
+            return torch.addmm(base, x_i, self.w_i) if self.has_item else base
+        return torch.addmm(self.bias, x_i, self.w_i)  # (N, Out)
+
+
+def _stack_layers(mlps: list[MLP]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """N same-shaped MLPs -> per layer (N, Din, Dout) weights and (N, 1, Dout) biases."""
+    layers = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in mlps]
+    weights, biases = [], []
+    for depth in range(len(layers[0]) if layers else 0):
+        weights.append(torch.stack([ls[depth].weight.detach().t() for ls in layers]).contiguous())
+        biases.append(torch.stack([ls[depth].bias.detach() for ls in layers]).unsqueeze(1).contiguous())
+    return weights, biases
+
+
+class MMoEHead(nn.Module):
+    """MMoE after its first hidden layer: stacked experts, fused gates, stacked towers.
+
+    ``first`` computes ``[experts' first layer (E * D1) | gate logits (T * E)]`` for every row; with
+    a shared bottom, it is the experts' and gates' input projection on the bottom's output.
+    """
+
+    def __init__(self, model: MMoE) -> None:
+        super().__init__()
+        experts = list(model.experts)
+        gates = list(model.gates.values())
+        self.n_experts, self.n_tasks = len(experts), len(gates)
+        self.top_k = gates[0].top_k if gates[0].top_k is not None and gates[0].top_k < self.n_experts else None
+        w, b = _stack_layers(experts)  # layer 0: (E, D, D1)
+        self.d1 = w[0].shape[2]
+        self.expert_w = [x for x in w[1:]]  # (E, Din, Dout) per later layer
+        self.expert_b = [x for x in b[1:]]
+        first_w = torch.cat([w[0].transpose(1, 2).reshape(-1, w[0].shape[1]),  # (E * D1, D)
+                             torch.cat([g.proj.weight.detach() for g in gates])])  # (T * E, D)
+        first_b = torch.cat([b[0].reshape(-1), torch.cat([g.proj.bias.detach() for g in gates])])
+        self.first_weight, self.first_bias = first_w, first_b
+        towers = [model.towers[t] for t in model.task_names]
+        tw, tb = _stack_layers([nn.Sequential(*t.mlp, t.out) for t in towers])  # type: ignore[arg-type]
+        self.tower_w, self.tower_b = tw, tb  # (T, Din, Dout); the last layer's Dout is 1
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, E * D1 + T * E) -> (T, N) logits."""
+        n, e, t = h.shape[0], self.n_experts, self.n_tasks
+        x = torch.relu(h[:, : e * self.d1]).view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
+        for w, b in zip(self.expert_w, self.expert_b, strict=True):
+            x = torch.relu(torch.baddbmm(b, x, w))  # (E, N, Dout)
+        logits = h[:, e * self.d1 :].reshape(n, t, e).float()  # (N, T, E), softmax in float32
+        if self.top_k is not None:
+            top = logits.topk(self.top_k, dim=-1)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+        g = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        g = g / g.sum(dim=-1, keepdim=True)  # (N, T, E)
+        mixed = torch.bmm(g.to(x.dtype), x.transpose(0, 1)).transpose(0, 1)  # (N, T, E) @ (N, E, De) -> (T, N, De)
+        last = len(self.tower_w) - 1
+        for depth, (w, b) in enumerate(zip(self.tower_w, self.tower_b, strict=True)):
+            mixed = torch.baddbmm(b, mixed, w)  # (T, N, Dout)
+            if depth < last:
+                mixed = torch.relu(mixed)
+        return mixed.squeeze(-1)  # (T, N)
+
+
+class FusedScorer(nn.Module):
+    """The artifact's network for serving; see the module docstring.
+
+    Args:
+        model: the loaded network (eval mode; its weights are copied, not shared for training).
+        plan: the serving plan of the same artifact (which features are request-side).
+
+    Example:
+        >>> scorer = FusedScorer(model, ServingPlan(fitted))  # doctest: +SKIP
+        >>> scorer.score(plan.encode(requests)).shape  # (T, N)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: RankingModel, plan: ServingPlan) -> None:
+        super().__init__()
+        cfg = model.config
+        self.model = model.eval()
+        self.tasks = [t.name for t in cfg.tasks]
+        self.register_buffer("binary", torch.tensor([t.type == "binary" for t in cfg.tasks]).unsqueeze(1))
+        # config-order front columns: embeddings of config.sparse, then config.dense
+        starts, at = {}, 0
+        for s in cfg.sparse:
+            starts[s.name] = (at, s.embedding_dim)
+            at += s.embedding_dim
+        for d in cfg.dense:
+            starts[d] = (at, 1)
+            at += 1
+        multi = {s.name for s in cfg.sparse if s.multi}
+        sides = {}
+        for side in ("request", "item"):
+            names = [s.name for s in cfg.sparse if plan.side(s.name) == side]
+            singles = [n for n in names if n not in multi]
+            lists = [n for n in names if n in multi]
+            dense = plan.request_dense if side == "request" else plan.item_dense
+            cols = [c for n in [*singles, *lists, *dense] for c in range(starts[n][0], starts[n][0] + starts[n][1])]
+            sides[side] = _Side(singles, lists, list(dense), cols)
+        self.sides = sides
+        self.front_r, self.front_i = Front(model, sides["request"]), Front(model, sides["item"])
+        self.width = at
+        linears = [m for m in model.bottom if isinstance(m, nn.Linear)]
+        self.mmoe = MMoEHead(model) if isinstance(model, MMoE) else None
+        if linears:  # the bottom's first layer takes the split; the rest runs per candidate
+            self.first = SplitLinear(linears[0].weight, linears[0].bias, sides["request"].columns,
+                                     sides["item"].columns)
+            self.bottom_rest = nn.Sequential(*list(model.bottom)[1:])
+            self.after_bottom: SplitLinear | None = None
+        else:
+            self.bottom_rest = nn.Sequential()
+            self.first = None  # type: ignore[assignment]
+            if self.mmoe is not None:  # no bottom: experts' first layer and gates take the split
+                self.after_bottom = SplitLinear(self.mmoe.first_weight, self.mmoe.first_bias,
+                                                sides["request"].columns, sides["item"].columns)
+            else:
+                self.after_bottom = None
+        order = sides["request"].columns + sides["item"].columns
+        self.register_buffer("to_config", torch.tensor(np.argsort(order), dtype=torch.long))
+
+    @torch.inference_mode()
+    def score(self, batch: EncodedBatch) -> torch.Tensor:
+        """Encoded requests -> (T, N) scores: probabilities (binary tasks) or predictions."""
+        logits = self(*self.inputs(batch))
+        return torch.where(self.binary, torch.sigmoid(logits), logits)
+
+    def inputs(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
+        """EncodedBatch (numpy) -> the forward's tensors, without copies where numpy allows."""
+        owner = torch.from_numpy(np.repeat(np.arange(len(batch.sizes)), batch.sizes))  # (N,)
+        out: list[torch.Tensor] = [owner]
+        for front, ids_by_name, dense, n in (
+            (self.front_r, batch.request_ids, batch.request_dense, len(batch.sizes)),
+            (self.front_i, batch.item_ids, batch.item_dense, batch.n_candidates),
+        ):
+            ids = (np.stack([ids_by_name[f] for f in front.singles], axis=1) if front.singles
+                   else np.zeros((n, 0), np.int64))  # (n, F_side)
+            out += [torch.from_numpy(ids), torch.from_numpy(dense)]
+            for f in front.lists:
+                j = batch.lists[f]
+                out += [torch.from_numpy(j.values), torch.from_numpy(j.offsets()[:-1])]
+        return tuple(out)
+
+    def forward(self, owner: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+        """The tensors of :meth:`inputs` -> (T, N) logits."""
+        n_lists_r = len(self.front_r.lists)
+        ids_r, dense_r = parts[0], parts[1]
+        lists_r = [(parts[2 + 2 * k], parts[3 + 2 * k]) for k in range(n_lists_r)]
+        rest = parts[2 + 2 * n_lists_r:]
+        ids_i, dense_i = rest[0], rest[1]
+        lists_i = [(rest[2 + 2 * k], rest[3 + 2 * k]) for k in range(len(self.front_i.lists))]
+        x_r = self.front_r(ids_r, lists_r, dense_r)  # (R, D_r)
+        x_i = self.front_i(ids_i, lists_i, dense_i)  # (N, D_i)
+        if self.first is not None:
+            x = self.bottom_rest(self.first(x_r, x_i, owner))  # (N, D); bottom_rest starts with its ReLU
+            if self.mmoe is not None:
+                return self.mmoe(F.linear(x, self.mmoe.first_weight, self.mmoe.first_bias))
+        elif self.after_bottom is not None:
+            return self.mmoe(self.after_bottom(x_r, x_i, owner))  # type: ignore[misc]
+        else:
+            x = torch.cat([x_r.index_select(0, owner), x_i], dim=1).index_select(1, self.to_config)  # (N, D)
+        out = self.model.head(x, None).logits
+        return torch.stack([out[t] for t in self.tasks])  # (T, N)
