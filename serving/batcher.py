@@ -635,7 +635,8 @@ class DynamicBatcher(Generic[T, R]):
         except Exception as e:
             if len(items) == 1:
                 return [e], None
-            log.warning("batch of %d failed (%r); re-running its requests one by one", len(items), e)
+            # %.300r: the error may quote names and values sent by a caller; a log line stays bounded
+            log.warning("batch of %d failed (%.300r); re-running its requests one by one", len(items), e)
         out: list[R | BaseException] = []
         for item in items:
             try:

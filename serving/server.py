@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,27 +194,26 @@ def _fill_columns(
 
 
 class RankerServicer(pb_grpc.RankerServicer):
-    """``Rank``: snapshot the current model, queue the request in the batcher, map errors to status codes."""
+    """``Rank``: snapshot the current model, queue the request in the batcher, map errors to status codes.
 
-    def __init__(self, holder: ModelHolder, batcher: DynamicBatcher[Job, pb.RankResponse],
-                 metrics: ServerMetrics) -> None:
+    The server registers :meth:`answer` through :func:`_add_ranker`, which counts every RPC with
+    the status its client receives; :meth:`Rank` is the plain servicer method (nothing counted).
+    """
+
+    def __init__(self, holder: ModelHolder, batcher: DynamicBatcher[Job, pb.RankResponse]) -> None:
         self._holder = holder
         self._batcher = batcher
-        self._metrics = metrics
 
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
-        start = time.perf_counter_ns()
-        code = grpc.StatusCode.CANCELLED  # unless an answer is reached below
-        try:
-            checked = _precondition(self._holder.current, request)  # one model snapshot per request
-            result = checked if isinstance(checked, Failure) else await self._submit(checked, request, context)
-            code = result.code if isinstance(result, Failure) else grpc.StatusCode.OK
-        finally:  # counted before the answer leaves, so a client never sees an uncounted request
-            self._metrics.observe_request(code, (time.perf_counter_ns() - start) / 1e9, _n_candidates(request))
+        result = await self.answer(request, context)
         if isinstance(result, Failure):
             await _abort(context, result)
-        result.server_time_us = (time.perf_counter_ns() - start) // 1000
         return result
+
+    async def answer(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse | Failure:
+        """The ranking, or the failure to answer with; raises only on cancellation (or a bug)."""
+        checked = _precondition(self._holder.current, request)  # one model snapshot per request
+        return checked if isinstance(checked, Failure) else await self._submit(checked, request, context)
 
     async def _submit(self, loaded: LoadedModel, req: pb.RankRequest,
                       context: grpc.aio.ServicerContext) -> pb.RankResponse | Failure:
@@ -228,10 +228,10 @@ class RankerServicer(pb_grpc.RankerServicer):
         except BatcherClosed as e:
             return Failure(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:
-            log.info("rank rejected request_id=%s: %s", req.request_id, e)
+            log.info("rank rejected request_id=%s: %s", clip(req.request_id), clip(e, _MAX_DETAILS))
             return Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception:
-            log.exception("rank failed request_id=%s", req.request_id)
+        except Exception as e:
+            log.error("rank failed request_id=%s\n%s", clip(req.request_id), _clipped_traceback(e))
             return Failure(grpc.StatusCode.INTERNAL, "internal error while ranking; see the server log")
 
 
@@ -268,20 +268,41 @@ def _reload_listener(metrics: ServerMetrics) -> Callable[[ReloadEvent], None]:
 
 @dataclass(frozen=True)
 class Failure:
-    """A request that ends in a status other than OK."""
+    """A request that ends in a status other than OK: the code and the details its client reads."""
 
     code: grpc.StatusCode
     message: str
 
 
 _MAX_DETAILS = 1024  # characters; gRPC clients drop trailers past 8-16 KiB and report RESOURCE_EXHAUSTED
+_LOG_VALUE_CHARS = 200  # characters of one caller-sent value (a request_id) in a log line
+
+
+def clip(value: object, limit: int = _LOG_VALUE_CHARS) -> str:
+    """``str(value)`` cut to ``limit`` characters, saying how long it was; for caller-sent text in logs.
+
+    Example:
+        >>> clip("r-1")
+        'r-1'
+        >>> clip("x" * 500, limit=4)
+        'xxxx... (500 characters)'
+    """
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _clipped_traceback(error: BaseException, limit: int = _MAX_DETAILS) -> str:
+    """The traceback of ``error`` (chained ones too), each part cut to ``limit`` characters.
+
+    Exception messages may quote names and values sent by the caller; the frames are the code's own.
+    """
+    parts = traceback.TracebackException.from_exception(error).format()
+    return "".join(clip(part.rstrip("\n"), limit) + "\n" for part in parts).rstrip("\n")
 
 
 async def _abort(context: grpc.aio.ServicerContext, failure: Failure) -> NoReturn:
-    message = failure.message
-    if len(message) > _MAX_DETAILS:  # errors quote names and values sent by the caller
-        message = f"{message[:_MAX_DETAILS]}... ({len(failure.message)} characters)"
-    await context.abort(failure.code, message)  # raises
+    """Answer ``failure`` (details cut to ``_MAX_DETAILS``: errors quote names and values sent by the caller)."""
+    await context.abort(failure.code, clip(failure.message, _MAX_DETAILS))  # raises
     raise AssertionError("grpc.aio ServicerContext.abort returned")
 
 
@@ -355,19 +376,74 @@ class RankingServer:
         log.info("stopped port=%d", self.port)
 
 
-def _add_ranker(servicer: RankerServicer, server: grpc.aio.Server) -> None:
-    """``add_RankerServicer_to_server``, except that bytes which do not parse as a ``RankRequest``
-    answer INVALID_ARGUMENT (grpc.aio answers UNKNOWN when its deserializer raises)."""
+def _add_ranker(servicer: RankerServicer, server: grpc.aio.Server, metrics: ServerMetrics,
+                max_response_bytes: int) -> None:
+    """``add_RankerServicer_to_server``, counting every Rank RPC once with the status its client receives.
+
+    The status is decided here, and counted before the answer leaves (a client never sees an
+    uncounted request): bytes that do not parse as a ``RankRequest`` answer INVALID_ARGUMENT
+    (grpc.aio answers UNKNOWN when its deserializer raises); an answer over ``max_response_bytes``
+    answers RESOURCE_EXHAUSTED naming both sizes (grpc would fail the send with a bare "message
+    larger than max" the metric never saw); an unexpected error answers INTERNAL; a cancellation
+    counts DEADLINE_EXCEEDED when the client's deadline has passed, else CANCELLED (the client
+    has gone and decides its status itself). Requests that grpc refuses before this handler runs
+    (over the receive limit, deadline passed on arrival) are not counted.
+    """
+
+    async def decide(request: pb.RankRequest, context: grpc.aio.ServicerContext,
+                     start: int) -> pb.RankResponse | Failure:
+        try:
+            result = await servicer.answer(request, context)
+        except grpc.aio.AbortError:  # an answer already decided (counted by ``rank``)
+            raise
+        except Exception as e:
+            log.error("rank failed request_id=%s\n%s", clip(request.request_id), _clipped_traceback(e))
+            return Failure(grpc.StatusCode.INTERNAL, "internal error while ranking; see the server log")
+        if isinstance(result, Failure):
+            return result
+        result.server_time_us = (time.perf_counter_ns() - start) // 1000
+        size = result.ByteSize()
+        if size > max_response_bytes:
+            msg = (f"response: {size} bytes, over the server's {max_response_bytes}-byte message limit; "
+                   "ask for fewer candidates (top_k) or a shorter request_id")
+            return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, msg)
+        return result
 
     async def rank(raw: bytes, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        start = time.perf_counter_ns()
+        code = grpc.StatusCode.UNKNOWN  # grpc.aio's answer to an exception that escapes below
+        candidates = 0  # until the bytes parse
         try:
-            request = pb.RankRequest.FromString(raw)
-        except DecodeError as e:
-            await _abort(context, Failure(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a RankRequest: {e}"))
-        return await servicer.Rank(request, context)
+            try:
+                request = pb.RankRequest.FromString(raw)
+            except DecodeError as e:
+                result: pb.RankResponse | Failure = Failure(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request: not a RankRequest: {e}"
+                )
+            else:
+                candidates = _n_candidates(request)
+                result = await decide(request, context, start)
+            code = result.code if isinstance(result, Failure) else context.code() or grpc.StatusCode.OK
+        except grpc.aio.AbortError:  # aborted inside the servicer: the code it set is what the client gets
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:  # the client's deadline passed, or it cancelled
+            code = _cancelled_code(context)
+            raise
+        finally:
+            metrics.observe_request(code, (time.perf_counter_ns() - start) / 1e9, candidates)
+        if isinstance(result, Failure):
+            await _abort(context, result)
+        return result
 
     handler = grpc.unary_unary_rpc_method_handler(rank, response_serializer=pb.RankResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Rank": handler}),))
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """What the client of a cancelled RPC sees: DEADLINE_EXCEEDED once its deadline has passed, else CANCELLED."""
+    remaining = context.time_remaining()  # None without a deadline; 0 (never negative) once it has passed
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def create_server(holder: ModelHolder, options: ServerOptions | None = None, **overrides: Any) -> RankingServer:
@@ -392,7 +468,7 @@ def create_server(holder: ModelHolder, options: ServerOptions | None = None, **o
     batcher: DynamicBatcher[Job, pb.RankResponse] = DynamicBatcher(
         lambda jobs: rank_batch(jobs, opts.max_candidates), opts.batching, _BatchMetrics(metrics)
     )
-    _add_ranker(RankerServicer(holder, batcher, metrics), server)
+    _add_ranker(RankerServicer(holder, batcher), server, metrics, opts.max_message_bytes)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
