@@ -158,7 +158,7 @@ def respond(
     if fmt not in _CANDIDATES_FORMATS | _COLUMNS_FORMATS:
         known = ", ".join(f"{pb.ResponseFormat.Name(v)} ({v})" for v in pb.ResponseFormat.values())
         raise ValueError(f"response_format: unknown value {fmt}; expected one of {known}")
-    combined = loaded.model.combine(scores, dict(req.objective_weights))  # (C,)
+    combined = loaded.model.combine(scores, decoded.weights)  # (C,); weights checked at decode
     order = np.argsort(-combined, kind="stable")  # (C,) best first, ties in request order
     if req.top_k:
         order = order[: req.top_k]  # (K,)
