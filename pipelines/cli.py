@@ -211,6 +211,8 @@ def serve_cmd(
     ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here when serving.")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Server processes sharing the port (SO_REUSEPORT); default one per core; 1 = one process.")] = None,
+    compile: Annotated[bool, typer.Option(
+        help="torch.compile the model at load (slower loads; eager if it fails or disagrees).")] = False,
 ) -> None:
     """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM."""
     import asyncio
@@ -229,7 +231,7 @@ def serve_cmd(
         batching=BatcherConfig(max_batch_candidates=max_batch_candidates, max_queue_delay_us=max_queue_delay_us,
                                max_queue=max_queue, max_queue_wait_us=round(max_queue_wait_ms * 1000),
                                enabled=batching),
-        reload_interval_s=reload_interval_s, metrics_port=metrics_port,
+        reload_interval_s=reload_interval_s, metrics_port=metrics_port, compile=compile,
     )
     if torch_threads < 1:
         raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")

@@ -28,6 +28,7 @@ width; ``_r`` / ``_i`` mark request-side and item-side parts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,6 +191,7 @@ class FusedScorer(nn.Module):
     def __init__(self, model: RankingModel, plan: ServingPlan) -> None:
         super().__init__()
         cfg = model.config
+        self._compiled: Callable[..., torch.Tensor] | None = None
         self.model = model.eval()
         self.tasks = [t.name for t in cfg.tasks]
         self.register_buffer("binary", torch.tensor([t.type == "binary" for t in cfg.tasks]).unsqueeze(1))
@@ -234,8 +236,20 @@ class FusedScorer(nn.Module):
     @torch.inference_mode()
     def score(self, batch: EncodedBatch) -> torch.Tensor:
         """Encoded requests -> (T, N) scores: probabilities (binary tasks) or predictions."""
-        logits = self(*self.inputs(batch))
+        run = self._compiled if self._compiled is not None else self
+        logits = run(*self.inputs(batch))
         return torch.where(self.binary, torch.sigmoid(logits), logits)
+
+    def compile(self) -> None:  # type: ignore[override]
+        """Run the forward through ``torch.compile`` (Inductor, dynamic shapes) from now on.
+
+        The first calls compile (tens of seconds on a small CPU: do it at load time, with
+        :meth:`uncompile` as the fallback if that fails or disagrees with eager).
+        """
+        self._compiled = torch.compile(self.forward, dynamic=True)
+
+    def uncompile(self) -> None:
+        self._compiled = None
 
     def inputs(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
         """EncodedBatch (numpy) -> the forward's tensors, without copies where numpy allows."""

@@ -17,6 +17,7 @@ a weighted sum ``sum_t w_t * sign_t * score_t`` with ``sign_t = -1`` for tasks w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 from ranking.fused import FusedScorer
 
+log = logging.getLogger("ranking")
+
 
 class InferenceModel:
     """A loaded artifact ready to score candidates.
@@ -40,7 +43,8 @@ class InferenceModel:
         >>> combined = model.combine(scores)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, compile: bool = False) -> None:
+        """Load the artifact at ``path``; ``compile=True`` compiles the serving network (see :meth:`compile`)."""
         self.path = Path(path)
         self.model, self.config, self.fitted, self.metadata = load_artifact(path)
         self.tasks = [t.name for t in self.config.tasks]
@@ -49,10 +53,41 @@ class InferenceModel:
         self._binary = {t.name for t in self.config.tasks if t.type == "binary"}
         self.plan = ServingPlan.from_fitted(self.fitted)  # lookup tables, cut points, formulas: once
         self.scorer = FusedScorer(self.model, self.plan)  # weights rearranged for serving: once
+        self.compiled = False
+        if compile:
+            self.compile()
 
     @classmethod
-    def load(cls, path: str | Path) -> InferenceModel:
-        return cls(path)
+    def load(cls, path: str | Path, compile: bool = False) -> InferenceModel:
+        return cls(path, compile)
+
+    def compile(self) -> bool:
+        """Compile the serving network with ``torch.compile``; eager stays the fallback.
+
+        Compiles for one and for several candidates and requests (Inductor specialises size 1) on
+        requests made from the model's own vocabularies, and keeps the compiled graph only if it
+        ran and matches eager to 1e-5 on them; else logs why and stays eager.
+
+        Returns:
+            whether the compiled graph is now in use.
+        """
+        probes = [self.plan.encode([_probe(self.fitted, n)] * r) for n, r in ((1, 1), (3, 2), (5, 3))]
+        try:
+            self.scorer.compile()
+            for batch in probes:
+                got = self.scorer.score(batch)
+                self.scorer.uncompile()
+                want = self.scorer.score(batch)
+                self.scorer.compile()
+                if not torch.allclose(got, want, atol=1e-5, rtol=0):
+                    raise ValueError(f"compiled scores differ from eager by {(got - want).abs().max().item():.3g}")
+        except Exception as e:  # no C++ compiler, an unsupported op, a mismatch: eager it is
+            self.scorer.uncompile()
+            log.warning("torch.compile of %s failed, serving eager: %s: %s", self.path, type(e).__name__, e)
+            self.compiled = False
+            return False
+        self.compiled = True
+        return True
 
     @property
     def spec(self) -> Any:
@@ -144,3 +179,21 @@ def _split(tasks: list[str], scores: np.ndarray, sizes: np.ndarray) -> list[dict
     starts = bounds - sizes
     spans = zip(starts.tolist(), bounds.tolist(), strict=True)
     return [{t: scores[j, a:b] for j, t in enumerate(tasks)} for a, b in spans]
+
+
+def _probe(fitted: Any, n: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A request of ``n`` candidates from the transform's own vocabularies (first values), dense 1.0."""
+    spec = fitted.spec
+    vocab = {f.raw: fitted.vocabs[f.name].values for f in spec.sparse if f.name in fitted.vocabs and not f.cross}
+    empty = {"int": 0, "float": 1.0, "str": ""}
+
+    def value(col: str, i: int) -> Any:
+        kind = fitted.raw_types[col]
+        pool = vocab.get(col) or [empty[kind.removeprefix("list[").removesuffix("]")]]
+        v = pool[i % len(pool)]
+        return [v] if kind.startswith("list") else v
+
+    user = {c: value(c, 0) for c in spec.features_from("user")}
+    context = {c: value(c, 0) for c in spec.features_from("context")}
+    candidates = {c: [value(c, i) for i in range(n)] for c in spec.features_from("item")}
+    return user, context, candidates

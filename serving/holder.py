@@ -124,8 +124,9 @@ class ModelHolder:
         loaded 4
     """
 
-    def __init__(self, uri: str, tracking_uri: str | None = None) -> None:
+    def __init__(self, uri: str, tracking_uri: str | None = None, compile: bool = False) -> None:
         self.uri = uri
+        self.compile = compile  # torch.compile each version at load (InferenceModel.compile)
         self.tracking_uri = tracking_uri
         self.listeners: list[Listener] = []
         self._current: LoadedModel | None = None
@@ -268,7 +269,7 @@ class ModelHolder:
         tmpdir: Path | None = None
         try:
             path, tmpdir = self._fetch(target)
-            model = InferenceModel(path)
+            model = InferenceModel(path, compile=self.compile)
             if target.registered is not None:
                 name, version = target.registered
             else:

@@ -67,6 +67,8 @@ class ServerOptions:
         metrics_port: serve Prometheus ``/metrics`` on this port of ``host``; None = no endpoint, 0 = a free one.
         reuse_port: bind with the gRPC option ``grpc.so_reuseport=1`` so that several processes
             share ``host:port`` (``serving.workers``); False leaves gRPC's default.
+        compile: compile each loaded model's serving network with ``torch.compile`` (tens of
+            seconds per load, in the loading thread; eager when it fails or disagrees).
     """
 
     host: str = "127.0.0.1"
@@ -79,6 +81,7 @@ class ServerOptions:
     reload_interval_s: float = 0.0
     metrics_port: int | None = None
     reuse_port: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -501,7 +504,8 @@ async def start_server(
     Returns:
         the running server; unpacks as ``server, port, holder``. Stop it with ``await rs.stop()``.
     """
-    holder = model if isinstance(model, ModelHolder) else ModelHolder(model, tracking_uri)
+    compile_model = bool(overrides.get("compile", (options or ServerOptions()).compile))
+    holder = model if isinstance(model, ModelHolder) else ModelHolder(model, tracking_uri, compile_model)
     rs = create_server(holder, options, **overrides)
     await rs.start()
     try:
