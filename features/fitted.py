@@ -248,6 +248,11 @@ class FittedTransform:
             first = values[0] if len(values) else None
             raise ValueError(f"feature {column!r} expects {kind} values, got {first!r}") from e
 
+    @cached_property
+    def columns_by_source(self) -> dict[str, list[str]]:
+        """Raw input columns per source (``user``, ``context``, ``item``), computed once per transform."""
+        return {s: self.spec.features_from(s) for s in ("user", "context", "item")}  # type: ignore[arg-type]
+
     def expressions_without_position(self) -> list[pl.Expr]:
         """Serving inputs: position is a training-only signal and never reaches the scorer."""
         return [e for e in self.expressions() if e.meta.output_name() != "position"]

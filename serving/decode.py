@@ -96,10 +96,11 @@ def decode_request(
     raw_ids = _column(ids_field, req.candidates.item_ids, item_kind, n=None)
     item_ids = _as_strings(raw_ids)
 
-    user = _values("user", req.user, spec.features_from("user"), fitted.raw_types)
-    context = _values("context", req.context, spec.features_from("context"), fitted.raw_types)
+    by_source = fitted.columns_by_source
+    user = _values("user", req.user, by_source["user"], fitted.raw_types)
+    context = _values("context", req.context, by_source["context"], fitted.raw_types)
 
-    wanted = [c for c in spec.features_from("item") if c != item_key]
+    wanted = [c for c in by_source["item"] if c != item_key]
     if item_key in req.candidates.features:
         raise DecodeError(f"candidates.features[{item_key!r}]: the item key is sent in {ids_field}, not as a feature")
     _check_names("candidates.features", req.candidates.features, wanted, "candidate")
@@ -107,7 +108,7 @@ def decode_request(
         name: _column(f"candidates.features[{name!r}]", req.candidates.features[name], fitted.raw_types[name], n)
         for name in wanted
     }
-    if item_key in spec.features_from("item"):
+    if item_key in by_source["item"]:
         candidates[item_key] = raw_ids
     _check_valid_min(fitted, user, context, candidates)
     return DecodedRequest(user, context, candidates, item_ids, weights)
@@ -238,6 +239,8 @@ def _strings(values: Any) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- helpers
 def _check_names(field: str, given: Any, wanted: list[str], source: str) -> None:
+    if len(given) == len(wanted) and all(c in given for c in wanted):
+        return  # the common case: exactly the wanted names
     unknown = sorted(set(given) - set(wanted))
     if unknown:
         raise DecodeError(f"{field}[{_clip(unknown[0])!r}]: unknown {source} feature; known: {wanted}")
