@@ -90,7 +90,10 @@ class Lookup:
         if query.dtype.kind == "U" and (self.objects or self.keys.dtype == object):
             query = query.astype(object)
         elif query.dtype == object and self.keys.dtype.kind == "U":
-            query = query.astype(str)
+            # a string with a NUL (an object array keeps it) is in no vocabulary without NULs; the
+            # others can take the fixed-width form, which would drop a trailing NUL
+            nul = np.fromiter(("\x00" in v for v in query), dtype=bool, count=query.size)
+            return np.where(nul, OOV, self(np.where(nul, "", query).astype(str)))
         pos = np.searchsorted(self.keys, query)
         np.minimum(pos, self.keys.size - 1, out=pos)
         hit = self.keys[pos] == query
@@ -302,7 +305,7 @@ class ServingPlan:
             taken = [values[i] for i in keep.tolist()] if len(keep) != len(values) else values
             null_list = [v is None for v in taken]
             null = np.array(null_list, dtype=bool) if any(null_list) else None
-            flat = np.array(["" if v is None else v for v in taken] if null is not None else taken, dtype=str)
+            flat = _str_array(["" if v is None else v for v in taken] if null is not None else taken)
             if flat.size == 0:
                 flat = np.zeros(0, dtype=np.int64 if p.kind == "list[int]" else str)
         if p.rule == "hash":
@@ -336,7 +339,7 @@ def _normalise(name: str, kind: str, values: Sequence[Any]) -> Col | Jagged:
     if kind == "str":
         vals = [("" if v is None else v) for v in values] if null is not None else list(values)
         _check_kind(name, kind, vals)
-        return Col(np.array(vals, dtype=str) if vals else np.zeros(0, dtype=str), null)
+        return Col(_str_array(vals), null)
     dtype = np.float64 if kind == "float" else np.int64
     vals = [(0 if v is None else v) for v in values] if null is not None else values
     _check_kind(name, kind, vals)
@@ -377,14 +380,19 @@ def _as_jagged(name: str, kind: str, lists: Sequence[Any]) -> Jagged:
 def _concat(name: str, kind: str, parts: list[Any]) -> Col | Jagged:
     """Candidate columns of several requests -> one column of N values."""
     if kind.startswith("list"):
-        jagged = [p if isinstance(p, Jagged) else Jagged.from_lists(p) for p in parts]
+        dtype = pl.List(pl.Int64 if kind == "list[int]" else pl.String)  # typed: [None] alone is no list
+        jagged = [p if isinstance(p, Jagged) else Jagged.from_lists(p if isinstance(p, pl.Series)
+                                                                     else pl.Series(p, dtype=dtype)) for p in parts]
         lengths = np.concatenate([j.lengths for j in jagged])
         if all(isinstance(j.values, np.ndarray) and j.values.dtype.kind in "iuU" for j in jagged):
             return Jagged(np.concatenate([j.values for j in jagged]), lengths)  # type: ignore[arg-type]
         values: list[Any] = list(itertools.chain.from_iterable(
             j.values.tolist() if isinstance(j.values, np.ndarray) else j.values for j in jagged))
         if kind == "list[int]":
-            return Jagged(np.asarray(values, dtype=np.int64), lengths)
+            ints = np.asarray(values)
+            if ints.dtype.kind == "f" and np.isnan(ints).any():  # from_lists turns a null entry into NaN
+                raise ValueError(f"feature {name!r}: null entries inside int lists are not supported")
+            return Jagged(ints.astype(np.int64), lengths)
         return Jagged(values, lengths)
     if kind == "str" and all(isinstance(p, np.ndarray) and p.dtype.kind == "U" for p in parts):
         return Col(parts[0] if len(parts) == 1 else np.concatenate(parts))  # decoded: strings, no nulls
@@ -415,19 +423,29 @@ def _as_strings(col: Col, kind: str) -> np.ndarray:
     return col.values.astype(str)
 
 
+def _str_array(values: Sequence[str]) -> np.ndarray:
+    """Strings -> a numpy str array; object dtype when one holds a NUL character, which
+    fixed-width numpy strings would drop from its end (as ``serving.decode`` does)."""
+    if not len(values):
+        return np.zeros(0, dtype=str)
+    return np.array(values, dtype=object if "\x00" in "".join(values) else str)
+
+
 def _parse_ints(values: np.ndarray) -> np.ndarray:
     return values.astype(np.int64)
 
 
 def _cross_keys(cols: list[Col], kinds: list[str]) -> np.ndarray:
     """The crossed columns' strings joined by the unit separator, null parts as ""."""
-    out: np.ndarray | None = None
+    parts = []
     for col, kind in zip(cols, kinds, strict=True):
         s = _as_strings(col, kind)
-        if col.null is not None:
-            s = np.where(col.null, "", s)
-        out = s if out is None else np.char.add(np.char.add(out, _CROSS_SEP), s)
-    assert out is not None
+        parts.append(s if col.null is None else np.where(col.null, "", s))
+    if any(s.dtype == object for s in parts):  # a part holds a NUL: join as Python strings, keep it
+        return np.array([_CROSS_SEP.join(t) for t in zip(*(s.tolist() for s in parts), strict=True)], dtype=object)
+    out = parts[0]
+    for s in parts[1:]:
+        out = np.char.add(np.char.add(out, _CROSS_SEP), s)
     return out
 
 
