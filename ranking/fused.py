@@ -89,8 +89,8 @@ class Front(nn.Module):
             parts.append(self.flat.take(index))  # (n, sum of dims): every table in one gather
         for table, mode, (values, offsets) in zip(self.list_tables, self.list_modes, lists, strict=True):
             parts.append(F.embedding_bag(values, table, offsets, mode=mode))  # (n, d), empty bags -> 0
-        if self.n_dense:
-            parts.append(dense)
+        if self.n_dense or not parts:
+            parts.append(dense)  # (n, Dd_side); (n, 0) for a side with no features at all
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (n, D_side)
 
 

@@ -1,0 +1,308 @@
+"""The fused serving network equals the training network, on the same rows.
+
+``FusedScorer`` looks request-side features up once per request, gathers every table of a side
+from one flat buffer, splits the first layer into a per-request and a per-candidate part and
+stacks MMoE's experts, gates and towers. None of that may change a logit: for every model variant
+and gate, with features all request-side, all item-side or mixed (multi-valued ones on both
+sides, sum and mean pooling, empty and null lists), its (T, N) logits are held to 1e-5 of
+``model(sparse, dense, None).logits`` on a ``FeatureTable`` of the reference transform's frame.
+
+Shape letters: R requests, N candidates, T tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from features.columns import Jagged
+from features.fitted import FittedTransform
+from features.plan import RawRequest, ServingPlan
+from features.spec import FeatureSpec, parse_spec
+from ranking.artifact import build_model, export_artifact
+from ranking.batch import FeatureTable
+from ranking.config import ModelConfig
+from ranking.fused import FusedScorer
+from ranking.inference import InferenceModel
+from ranking.models import RankingModel
+
+TOLERANCE = 1e-5  # max abs difference of logits: float32 sums in another order, nothing more
+
+# raw column -> (source, kind)
+COLUMNS = {
+    "u": ("user", "int"), "u_tags": ("user", "list[int]"), "u_age": ("user", "float"),
+    "ctx": ("context", "str"), "c_words": ("context", "list[str]"), "c_hour": ("context", "float"),
+    "i": ("item", "int"), "i_tags": ("item", "list[int]"), "i_cat": ("item", "str"),
+    "i_words": ("item", "list[str]"), "i_price": ("item", "float"), "i_age": ("item", "float"),
+}  # fmt: skip
+DTYPES: dict[str, pl.DataType] = {
+    "int": pl.Int64(), "float": pl.Float64(), "str": pl.String(),
+    "list[int]": pl.List(pl.Int64), "list[str]": pl.List(pl.String),
+}  # fmt: skip
+# Config order interleaves the sides (and widths differ), so the fused front's permutation matters.
+SPARSE: list[dict[str, Any]] = [
+    {"name": "u", "source": "user", "embedding_dim": 4},
+    {"name": "i", "source": "item", "embedding_dim": 4},
+    {"name": "i_tags", "source": "item", "multi": True, "pooling": "mean", "max_len": 4, "embedding_dim": 6},
+    {"name": "ctx", "source": "context", "embedding_dim": 3},
+    {"name": "u_tags", "source": "user", "multi": True, "pooling": "sum", "max_len": 3, "embedding_dim": 4},
+    {"name": "i_cat", "source": "item", "hash_buckets": 7, "embedding_dim": 5},
+    {"name": "c_words", "source": "context", "multi": True, "pooling": "mean", "max_len": 2, "embedding_dim": 5},
+    {"name": "u_x_i", "source": "item", "cross": ["u", "i"], "embedding_dim": 4},
+    {"name": "i_words", "source": "item", "multi": True, "pooling": "sum", "hash_buckets": 11, "embedding_dim": 3},
+]
+DENSE: list[dict[str, Any]] = [
+    {"name": "i_price", "source": "item", "transform": "log1p"},
+    {"name": "u_age", "source": "user", "fill_null": 30.0},
+    {"name": "i_age", "source": "item", "scale": "minmax"},
+    {"name": "c_hour", "source": "context", "scale": "minmax"},
+]
+TASKS = [
+    {"name": "click", "type": "binary", "label": "click", "group": "engagement"},
+    {"name": "watch", "type": "regression", "label": "watch", "group": "engagement"},
+    {"name": "like", "type": "binary", "label": "like", "group": "satisfaction"},
+]
+LAYOUTS = ("mixed", "request", "item")
+SMALL = {"bottom_dims": (16,), "expert_dims": (12, 8), "tower_dims": (6,), "num_experts": 3}
+MODELS: dict[str, dict[str, Any]] = {
+    "mmoe": {},
+    "mmoe_no_bottom": {"bottom_dims": ()},
+    "mmoe_two_layer_bottom_dropout": {"bottom_dims": (16, 12), "dropout": 0.2, "gate_dropout": 0.1},
+    "mmoe_noisy_topk": {"gate": "noisy_topk", "top_k": 2, "num_experts": 4},
+    "mmoe_noisy_topk_no_bottom": {"gate": "noisy_topk", "top_k": 1, "num_experts": 4, "bottom_dims": ()},
+    "omoe": {"model": "omoe"},
+    "omoe_noisy_topk_no_bottom": {"model": "omoe", "gate": "noisy_topk", "top_k": 2, "bottom_dims": ()},
+    "ple": {"model": "ple", "ple_levels": 2, "num_task_experts": 1, "num_shared_experts": 2},
+    "ple_cgc_no_bottom": {"model": "ple", "ple_levels": 1, "bottom_dims": ()},
+    "shared_bottom": {"model": "shared_bottom"},
+    "single_task": {"model": "single_task"},
+    "single_task_no_bottom": {"model": "single_task", "bottom_dims": ()},
+}
+
+
+def spec_for(layout: str) -> FeatureSpec:
+    """The spec's features on one side only (``request``: user and context; ``item``), or both."""
+
+    def keep(f: dict[str, Any]) -> bool:
+        sides = {COLUMNS[c][0] != "item" for c in f.get("cross", [f["name"]])}
+        return layout == "mixed" or sides == {layout == "request"}
+
+    return parse_spec({
+        "name": f"fused_{layout}", "position": None,
+        "keys": {"request": None, "user": None, "item": None, "timestamp": None},
+        "sparse": [f for f in SPARSE if keep(f)], "dense": [d for d in DENSE if keep(d)], "tasks": TASKS,
+    })
+
+
+def random_columns(rng: np.random.Generator, n: int, fit: bool) -> dict[str, list[Any]]:
+    """Raw rows column-wise; outside the fit rows with unseen ids, nulls, and null or long lists."""
+    p_null = 0.0 if fit else 0.1
+
+    def maybe(v: Any) -> Any:
+        return None if rng.random() < p_null else v
+
+    def ids(high: int) -> int:
+        return int(rng.integers(0, high if fit else high + 5))  # the last 5 never seen
+
+    def words(pool: int, longest: int) -> list[str]:
+        return [f"w{int(rng.integers(0, pool))}é" for _ in range(int(rng.integers(0, longest + 1)))]
+
+    cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+    for _ in range(n):
+        cols["u"].append(maybe(ids(30)))
+        cols["u_tags"].append(maybe([ids(12) for _ in range(int(rng.integers(0, 6)))]))
+        cols["u_age"].append(maybe(float(rng.normal(40, 12))))
+        cols["ctx"].append(maybe(["home", "feed", "search", "", "news"][int(rng.integers(0, 4 if fit else 5))]))
+        cols["c_words"].append(maybe(words(8, 4)))
+        cols["c_hour"].append(maybe(float(rng.integers(0, 24))))
+        cols["i"].append(maybe(ids(50)))
+        cols["i_tags"].append(maybe([ids(20) for _ in range(int(rng.integers(0, 7)))]))
+        cols["i_cat"].append(maybe(f"cat{ids(9)}"))
+        cols["i_words"].append(maybe(words(15, 5)))
+        cols["i_price"].append(maybe(float(rng.lognormal(3, 1))))
+        cols["i_age"].append(maybe(float(rng.exponential(20))))
+    return cols
+
+
+def frame(cols: dict[str, list[Any]], spec: FeatureSpec) -> pl.DataFrame:
+    wanted = {*spec.features_from("user"), *spec.features_from("context"), *spec.features_from("item")}
+    n = len(cols["u"])
+    out = {c: pl.Series(c, cols[c], dtype=DTYPES[k]) for c, (_, k) in COLUMNS.items() if c in wanted}
+    return pl.DataFrame(out, height=n)
+
+
+def slates(cols: dict[str, list[Any]], spec: FeatureSpec, rng: np.random.Generator,
+           ) -> tuple[dict[str, list[Any]], list[RawRequest]]:
+    """Rows grouped into requests of 1..9 candidates sharing the first row's user and context
+    (the rows are changed to match); candidate columns as a client or the decoder gives them."""
+    out = {c: list(v) for c, v in cols.items()}
+    n = len(cols["u"])
+    bounds = [0]
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + int(rng.integers(1, 10))))
+    requests: list[RawRequest] = []
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+        user = {c: cols[c][a] for c in spec.features_from("user")}
+        context = {c: cols[c][a] for c in spec.features_from("context")}
+        for c in (*user, *context):
+            out[c][a:b] = [cols[c][a]] * (b - a)
+        cands: dict[str, Any] = {"item_key": np.arange(a, b)}  # not a feature: counts the candidates
+        for c in spec.features_from("item"):
+            part, kind = out[c][a:b], COLUMNS[c][1]
+            if k % 2 and kind.startswith("list"):
+                cands[c] = Jagged.from_lists(pl.Series(part, dtype=DTYPES[kind]))
+            elif k % 2 and None not in part:
+                cands[c] = np.array(part)
+            else:
+                cands[c] = part
+        requests.append((user, context, cands))
+    return out, requests
+
+
+def network(cfg: ModelConfig, seed: int) -> RankingModel:
+    """``build_model(cfg)`` with weights of trained magnitude: untrained towers give logits that
+    differ across rows by about 1e-3, too little for a 1e-5 tolerance to mean much."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".t_" in f".{name}":  # embedding tables
+                p.normal_(0.0, 1.0)
+            elif p.dim() == 2:  # linear layers: variance kept through the ReLUs
+                p.normal_(0.0, 1.6 / p.shape[1] ** 0.5)
+            else:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def reference_logits(model: RankingModel, fitted: FittedTransform, rows: pl.DataFrame) -> torch.Tensor:
+    """(T, N) logits of the training network on the reference transform's rows."""
+    ready = fitted.transform(rows.lazy(), with_labels=False).collect()
+    batch = FeatureTable(ready.drop("position", strict=False), model.config).all()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch.sparse, batch.dense, None).logits
+    return torch.stack([out[t.name] for t in model.config.tasks])
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]]:
+    spec = spec_for(request.param)
+    rng = np.random.default_rng(LAYOUTS.index(request.param))
+    fitted = FittedTransform.fit(frame(random_columns(rng, 600, fit=True), spec).lazy(), spec)
+    shared, requests = slates(random_columns(rng, 160, fit=False), spec, rng)
+    return request.param, fitted, frame(shared, spec), requests
+
+
+def fused_and_reference(fitted: FittedTransform, rows: pl.DataFrame, requests: list[RawRequest],
+                        model: RankingModel) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = ServingPlan.from_fitted(fitted)
+    scorer = FusedScorer(model, plan)
+    with torch.inference_mode():
+        got = scorer(*scorer.inputs(plan.encode(requests)))
+    return got, reference_logits(model, fitted, rows)
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_layouts_put_features_where_they_say(layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]],
+                                             ) -> None:
+    name, fitted, _, requests = layout
+    plan = ServingPlan.from_fitted(fitted)
+    sides = {plan.side(f.name) for f in fitted.spec.sparse} | {plan.side(d.name) for d in fitted.spec.dense}
+    assert sides == {"mixed": {"request", "item"}, "request": {"request"}, "item": {"item"}}[name]
+    multi = [f for f in fitted.spec.sparse if f.multi]
+    assert {f.pooling for f in multi} == {"sum", "mean"}
+    assert len(requests) > 20 and max(len(r[2]["item_key"]) for r in requests) > 1
+
+
+@pytest.mark.parametrize("variant", list(MODELS))
+def test_fused_logits_equal_the_training_network(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], variant: str
+) -> None:
+    _, fitted, rows, requests = layout
+    cfg = ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]})
+    model = network(cfg, seed=7)
+    got, want = fused_and_reference(fitted, rows, requests, model)
+    assert got.shape == want.shape == (len(cfg.tasks), rows.height)
+    spread = want.std(dim=1).min().item()  # the rows differ: equal logits would prove nothing
+    assert spread > 0.01, spread  # a thousand times the tolerance
+    assert (got - want).abs().max().item() <= TOLERANCE
+
+
+def test_lists_empty_for_every_row_still_match(layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]],
+                                               ) -> None:
+    """Every list empty or null: embedding bags pool to zeros on both paths (mean pooling of nothing)."""
+    _, fitted, _, _ = layout
+    spec = fitted.spec
+    rng = np.random.default_rng(21)
+    cols = random_columns(rng, 90, fit=False)
+    for c, (_, kind) in COLUMNS.items():
+        if kind.startswith("list"):
+            cols[c] = [[] if i % 3 else None for i in range(90)]
+    shared, requests = slates(cols, spec, rng)
+    cfg = ModelConfig.from_fitted(fitted, **SMALL)
+    got, want = fused_and_reference(fitted, frame(shared, spec), requests, network(cfg, seed=3))
+    assert (got - want).abs().max().item() <= TOLERANCE
+
+
+def test_top_k_set_before_the_scorer_is_built_is_kept(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]],
+) -> None:
+    """``set_top_k`` on a softmax-gated MMoE (sparser inference without retraining) reaches the fused head."""
+    _, fitted, rows, requests = layout
+    model = network(ModelConfig.from_fitted(fitted, **{**SMALL, "num_experts": 4}), seed=5)
+    dense_gates = reference_logits(model, fitted, rows)
+    model.set_top_k(1)
+    got, want = fused_and_reference(fitted, rows, requests, model)
+    assert (want - dense_gates).abs().max().item() > 1e-3  # top-1 really changes the logits
+    assert (got - want).abs().max().item() <= TOLERANCE
+
+
+def test_a_dense_only_model_matches() -> None:
+    spec = parse_spec({
+        "name": "dense_only", "position": None, "sparse": [], "dense": DENSE, "tasks": TASKS,
+        "keys": {"request": None, "user": None, "item": None, "timestamp": None},
+    })
+    rng = np.random.default_rng(9)
+    fitted = FittedTransform.fit(frame(random_columns(rng, 300, fit=True), spec).lazy(), spec)
+    shared, requests = slates(random_columns(rng, 80, fit=False), spec, rng)
+    for variant in ("mmoe", "mmoe_no_bottom", "ple", "single_task_no_bottom"):
+        model = network(ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]}), seed=1)
+        got, want = fused_and_reference(fitted, frame(shared, spec), requests, model)
+        assert want.std(dim=1).min().item() > 1e-3
+        assert (got - want).abs().max().item() <= TOLERANCE, variant
+
+
+def test_batched_requests_score_as_each_alone(layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]],
+                                              ) -> None:
+    _, fitted, _, requests = layout
+    plan = ServingPlan.from_fitted(fitted)
+    scorer = FusedScorer(network(ModelConfig.from_fitted(fitted, **SMALL), seed=2), plan)
+    together = scorer.score(plan.encode(requests))
+    alone = torch.cat([scorer.score(plan.encode([r])) for r in requests], dim=1)
+    assert (together - alone).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("variant", ["mmoe", "mmoe_noisy_topk_no_bottom", "ple", "single_task"])
+def test_inference_model_serving_path_equals_reference_path(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], variant: str, tmp_path: Path
+) -> None:
+    """An exported artifact: ``score_requests`` (plan + fused) equals ``reference_score_requests``."""
+    _, fitted, _, requests = layout
+    cfg = ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]})
+    model = InferenceModel(export_artifact(network(cfg, seed=11), cfg, fitted, tmp_path / "artifact"))
+    served = model.score_requests(requests)
+    reference = model.reference_score_requests(requests)
+    assert len(served) == len(reference) == len(requests)
+    for got, want, (_, _, cands) in zip(served, reference, requests, strict=True):
+        for task in model.tasks:
+            assert got[task].shape == want[task].shape == (len(cands["item_key"]),)
+            np.testing.assert_allclose(got[task], want[task], atol=TOLERANCE, rtol=0, err_msg=task)
+    click = np.concatenate([s["click"] for s in served])
+    assert ((click > 0) & (click < 1)).all() and click.std() > 1e-4  # probabilities, and not all alike
