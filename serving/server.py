@@ -435,8 +435,10 @@ def _add_ranker(servicer: RankerServicer, server: grpc.aio.Server, metrics: Serv
             raise
         finally:
             metrics.observe_request(code, (time.perf_counter_ns() - start) / 1e9, candidates)
-        if isinstance(result, Failure):
-            await _abort(context, result)
+        if isinstance(result, Failure):  # set, not abort: no exception through grpc.aio per refusal
+            context.set_code(result.code)
+            context.set_details(clip(result.message, _MAX_DETAILS))
+            return None  # type: ignore[return-value]  # grpc.aio sends no message with a non-OK status
         return result
 
     handler = grpc.unary_unary_rpc_method_handler(rank, response_serializer=pb.RankResponse.SerializeToString)
@@ -465,7 +467,9 @@ def create_server(holder: ModelHolder, options: ServerOptions | None = None, **o
               ("grpc.max_send_message_length", opts.max_message_bytes)]
     if opts.reuse_port:
         limits.append(("grpc.so_reuseport", 1))
-    server = grpc.aio.server(options=limits)
+    import os as _os
+    _m = _os.environ.get("EXP_MAX_RPCS")
+    server = grpc.aio.server(options=limits, maximum_concurrent_rpcs=int(_m) if _m else None)
     metrics = ServerMetrics()
     holder.listeners.append(_reload_listener(metrics))
     batcher: DynamicBatcher[Job, pb.RankResponse] = DynamicBatcher(
