@@ -467,9 +467,7 @@ def create_server(holder: ModelHolder, options: ServerOptions | None = None, **o
               ("grpc.max_send_message_length", opts.max_message_bytes)]
     if opts.reuse_port:
         limits.append(("grpc.so_reuseport", 1))
-    import os as _os
-    _m = _os.environ.get("EXP_MAX_RPCS")
-    server = grpc.aio.server(options=limits, maximum_concurrent_rpcs=int(_m) if _m else None)
+    server = grpc.aio.server(options=limits)
     metrics = ServerMetrics()
     holder.listeners.append(_reload_listener(metrics))
     batcher: DynamicBatcher[Job, pb.RankResponse] = DynamicBatcher(
