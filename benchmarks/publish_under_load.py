@@ -48,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="ranker serve --workers (server processes)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="publish-"))
     write_log(SynthConfig(days=2, requests_per_day=200), work / "log")
@@ -67,7 +68,8 @@ def main() -> None:
 
     ready, log = work / "port", work / "server.log"
     cmd = [sys.executable, "-m", "pipelines", "serve", "--model", "models:/ranker@champion", "--tracking-uri", uri,
-           "--port", "0", "--ready-file", str(ready), "--reload-interval-s", "0.5", "--log-format", "text"]
+           "--port", "0", "--ready-file", str(ready), "--reload-interval-s", "0.5", "--log-format", "text",
+           "--workers", str(args.workers)]
     with log.open("w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
