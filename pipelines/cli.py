@@ -149,7 +149,10 @@ def train_cmd(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (default ranker).")] = None,
     register_as: Annotated[str | None, typer.Option(help="Registered model name ('' = don't register).")] = None,
-    alias: Annotated[str | None, typer.Option(help="Alias for the new version ('' = none).")] = None,
+    alias: Annotated[str | None, typer.Option(
+        help="Point this alias at the new version (none by default; the pipeline's gates move the champion).")] = None,
+    promote: Annotated[bool, typer.Option(
+        help="Make the new version the champion without gates (same as --alias champion; tagged so).")] = False,
 ) -> None:
     """Train a model, export the inference artifact, log to MLflow and register it.
 
@@ -167,6 +170,10 @@ def train_cmd(
     for key in ("register_as", "alias"):
         if fields.get(key) == "":
             fields[key] = None
+    if promote:
+        if fields.get("alias") not in (None, "champion"):
+            raise ValueError(f"--promote moves 'champion'; it cannot go with --alias {fields['alias']!r}")
+        fields["alias"] = "champion"
     if resume:
         fields["resume"] = True
     cfg = TrainConfig(
@@ -179,7 +186,9 @@ def train_cmd(
     shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/") and "/gate/" not in k}
     typer.echo(json.dumps(shown, indent=1))
     typer.echo(f"run {result.run_id}; best epoch {result.best_epoch}; artifact {result.artifact}; "
-               f"registered version {result.model_version}")
+               f"registered version {result.model_version}"
+               + (f", now {cfg.register_as}@{cfg.alias} (no gates)" if result.model_version and cfg.alias
+                  else " (no alias moved; --promote makes it the champion)" if result.model_version else ""))
 
 
 @app.command("serve")

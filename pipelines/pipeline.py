@@ -362,6 +362,7 @@ class Pipeline:
                 version = str(mv.version)
             tags = {
                 **self._base_tags(),
+                "made_by": f"pipeline {self.key}",
                 "pipeline.parent_run_id": parent,
                 "data.train_window": windows.span("train"),
                 "data.validation_window": windows.span("validation"),

@@ -55,9 +55,13 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 def register_artifact(
-    uri: str, run_id: str, artifact_path: str, name: str, alias: str | None, description: str = ""
+    uri: str, run_id: str, artifact_path: str, name: str, alias: str | None, description: str = "",
+    tags: dict[str, str] | None = None,
 ) -> ModelVersion:
-    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``; point ``alias`` at it."""
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name`` with ``tags``; point ``alias`` at it.
+
+    The alias moves last, after the version and its tags exist (a reader of the alias sees them).
+    """
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         client.create_registered_model(name, description="MMoE multi-task ranker (inference artifact)")
@@ -66,7 +70,8 @@ def register_artifact(
             raise
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id, description=description)
+    version = client.create_model_version(name, source=source, run_id=run_id, description=description,
+                                          tags=tags)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version

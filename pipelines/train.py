@@ -60,7 +60,7 @@ class TrainConfig:
     resume: bool = False  # continue from out/checkpoints/last.ckpt when it exists
     experiment: str = "ranker"
     register_as: str | None = "ranker"
-    alias: str | None = "champion"
+    alias: str | None = None  # no alias moves unless asked: the pipeline's gates move the champion
     limit_train_batches: int | float = 1.0
     progress_bar: bool = True
     init_from: Path | None = None  # warm start: an inference artifact folder (e.g. the champion's)
@@ -270,9 +270,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     client.log_artifact(run_id, str(out / "metrics.json"))
     version = None
     if cfg.register_as:
+        how = {"made_by": "ranker train", "gates": "not run",
+               "promoted": f"true ({cfg.alias}, by ranker train, no gates)" if cfg.alias else "false"}
         mv = register_artifact(
             uri, run_id, "model", cfg.register_as, cfg.alias,
             description=f"{cfg.model} trained on {fitted.window.get('start')}..{fitted.window.get('end')}",
+            tags=how,
         )
         version = str(mv.version)
         client.set_tag(run_id, "registered_version", version)

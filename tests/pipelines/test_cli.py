@@ -40,6 +40,8 @@ def test_synth_then_build(tmp_path: Path) -> None:
         (["features", "build", "--input", "nowhere", "--out", "o"], "input not found: 'nowhere'"),
         (["features", "build", "--input", ".", "--out", "o", "--dataset", "imdb"], "unknown dataset 'imdb'"),
         (["train", "--features", "nowhere"], "not a features folder"),
+        (["train", "--features", "nowhere", "--promote", "--alias", "staging"],
+         "--promote moves 'champion'; it cannot go with --alias 'staging'"),
         (["rank"], "give exactly one of --log or --request"),
     ],
 )

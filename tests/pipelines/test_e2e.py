@@ -27,8 +27,8 @@ def test_synth_features_train_serve_rank(tmp_path: Path) -> None:
     _run("features", "build", "--dataset", "synthetic", "--input", "log", "--out", "features", env=env,
          cwd=tmp_path)
     out = _run("train", "--features", "features", "--model", "mmoe", "--epochs", "1", "--out", "run",
-               "--set", "bottom_dims=[32]", "--set", "expert_dims=[16]", env=env, cwd=tmp_path)
-    assert "registered version 1" in out
+               "--set", "bottom_dims=[32]", "--set", "expert_dims=[16]", "--promote", env=env, cwd=tmp_path)
+    assert "registered version 1, now ranker@champion (no gates)" in out
 
     ready = tmp_path / "port"
     server = subprocess.Popen([RANKER, "serve", "--model", "models:/ranker@champion", "--port", "0",

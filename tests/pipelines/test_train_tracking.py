@@ -38,8 +38,38 @@ def test_run_has_params_and_per_epoch_task_metrics(run) -> None:
     assert r.data.metrics["final/val/click/ne"] > 0
 
 
-def test_registered_champion_is_a_loadable_artifact(run, tmp_path: Path) -> None:
+def test_plain_training_registers_a_version_and_moves_no_alias(run) -> None:
+    """A plain ``train`` leaves the champion alone: only the pipeline's gates or an explicit alias move it."""
     uri, result = run
+    client = MlflowClient(uri)
+    mv = client.get_model_version("ranker", result.model_version)
+    assert mv.run_id == result.run_id and mv.aliases == []
+    assert client.get_registered_model("ranker").aliases == {}
+    assert mv.tags == {"made_by": "ranker train", "gates": "not run", "promoted": "false"}
+
+
+@pytest.fixture(scope="module")
+def promoted(run, tmp_path_factory: pytest.TempPathFactory, small_features: Path):
+    """A second training in the same store with ``alias="champion"`` (what ``ranker train --promote`` sets)."""
+    uri, first = run
+    cfg = TrainConfig(features=small_features, out=tmp_path_factory.mktemp("promoted"), tracking_uri=uri,
+                      epochs=1, batch_size=256, alias="champion",
+                      model_overrides={"bottom_dims": (32,), "expert_dims": (16,), "tower_dims": (8,)})
+    return uri, first, train(cfg)
+
+
+def test_an_explicit_alias_is_moved_and_the_version_says_so(promoted) -> None:
+    uri, first, result = promoted
+    client = MlflowClient(uri)
+    assert int(result.model_version) == int(first.model_version) + 1
+    mv = client.get_model_version_by_alias("ranker", "champion")
+    assert str(mv.version) == result.model_version
+    assert mv.tags["promoted"] == "true (champion, by ranker train, no gates)" and mv.tags["gates"] == "not run"
+    assert client.get_model_version("ranker", first.model_version).aliases == []
+
+
+def test_registered_champion_is_a_loadable_artifact(promoted, tmp_path: Path) -> None:
+    uri, _, result = promoted
     client = MlflowClient(uri)
     mv = client.get_model_version_by_alias("ranker", "champion")
     assert str(mv.version) == result.model_version and mv.run_id == result.run_id
