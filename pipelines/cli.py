@@ -158,7 +158,7 @@ def train_cmd(
 
     Precedence: command-line options > --config file > defaults; --set overrides model_config.
     """
-    from pipelines.tracking import default_tracking_uri
+    from pipelines.tracking import check_reachable, default_tracking_uri
     from pipelines.train import TrainConfig, load_config_file, parse_overrides, train
 
     _setup_logging()
@@ -176,8 +176,12 @@ def train_cmd(
         fields["alias"] = "champion"
     if resume:
         fields["resume"] = True
+    from ranking.data import load_features
+
+    load_features(features)  # the local inputs first, then the store:
+    uri = check_reachable(tracking_uri or default_tracking_uri())  # seconds, not MLflow's minutes of retries
     cfg = TrainConfig(
-        features=features, out=out, tracking_uri=tracking_uri or default_tracking_uri(),
+        features=features, out=out, tracking_uri=uri,
         model_overrides={**model_overrides, **parse_overrides(set_ or [])}, **fields,
     )
     result = train(cfg)

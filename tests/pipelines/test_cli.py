@@ -1,6 +1,7 @@
 """The ranker CLI: --help everywhere, and bad input gives one readable line with a non-zero exit."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,14 @@ def test_bad_input_is_one_line_and_nonzero(args: list[str], message: str, tmp_pa
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert message in lines[0]
+
+
+def test_train_fails_within_seconds_when_the_tracking_server_is_unreachable(small_features: Path) -> None:
+    """Checked before any work (MLflow's own client retries for minutes), in one error line."""
+    start = time.monotonic()
+    r = runner.invoke(app, ["train", "--features", str(small_features), "--tracking-uri", "http://127.0.0.1:9"])
+    elapsed = time.monotonic() - start
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking server 'http://127.0.0.1:9' is unreachable")
+    assert elapsed < 10, elapsed
