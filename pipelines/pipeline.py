@@ -443,6 +443,17 @@ def _done_in_mlflow(client: MlflowClient, experiment: str, name: str, as_of: dat
     return runs[0].info.run_id if runs else None
 
 
+def _recorded_done(client: MlflowClient, run_id: object) -> bool:
+    """Whether the store holds ``run_id`` as a finished pipeline run."""
+    if not isinstance(run_id, str) or not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.data.tags.get(f"{TAG}status") == "done"
+
+
 def distributed_rank() -> int:
     """This process's global rank when a launcher started it (Lightning's DDP launcher, torchrun, SLURM), else 0."""
     for var in ("RANK", "SLURM_PROCID"):
@@ -509,18 +520,25 @@ def run_pipeline(cfg: PipelineConfig, as_of: date | None = None, force: bool = F
         run_dir = cfg.workdir / "runs" / as_of.isoformat()
         previous = RunState(run_dir / "state.json")
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        done_run = _done_in_mlflow(client, cfg.experiment, cfg.name, as_of)
-        if not force and (previous.status == "done" or done_run):
+        # Done means done here: this work folder's state says so and the store holds that run as done.
+        recorded = previous.data.get("parent_run_id")
+        done_here = previous.status == "done" and _recorded_done(client, recorded)
+        if not force and done_here:
             version = previous.data.get("steps", {}).get("register", {}).get("version")
             what = f"as-of {as_of.isoformat()} is already done" if explicit else (
                 f"no new data: the newest day {as_of.isoformat()} is already done")
-            msg = f"{what} (MLflow run {done_run or previous.data.get('parent_run_id')}); --force runs it again"
+            msg = f"{what} in {str(cfg.workdir)!r} (MLflow run {recorded}); --force runs it again"
             log.info(msg)
-            return PipelineResult("noop", msg, as_of, done_run or previous.data.get("parent_run_id"), version)
-        if force and run_dir.exists():
+            return PipelineResult("noop", msg, as_of, recorded, version)
+        if previous.status == "done" and not done_here:
+            log.info("%s: the work folder says done but the store %s holds no such finished run (%s); "
+                     "running it again", as_of, uri, recorded)
+        elif (elsewhere := _done_in_mlflow(client, cfg.experiment, cfg.name, as_of)) and not done_here:
+            log.info("%s is done in another work folder (MLflow run %s); running it here", as_of, elsewhere)
+        if (force or previous.status == "done") and run_dir.exists():
             archived = run_dir.with_name(f"{run_dir.name}.{datetime.now(UTC):%Y%m%dT%H%M%S}")
             run_dir.rename(archived)
-            log.info("--force: previous state of %s moved to %s", as_of, archived)
+            log.info("previous state of %s moved to %s", as_of, archived)
         windows = lake.cut_windows(available, as_of, cfg)
         p = Pipeline(cfg, uri, spec, as_of, run_dir)
         resumed = next((s for s in STEPS if not p.state.done(s)), None) if p.state.data["steps"] else None

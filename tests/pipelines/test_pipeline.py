@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +102,21 @@ def test_a_day_already_done_is_a_noop_and_no_new_data_says_so(nights: Nights) ->
     newest = run_pipeline(nights.strict)  # default as-of: the newest day, 2026-01-08, done last night
     assert newest.status == "noop" and newest.message.startswith("no new data")
     assert _versions(nights.tracking_uri) == before
+
+
+def test_a_day_done_in_another_work_folder_runs_here(nights: Nights, tmp_path: Path) -> None:
+    """Same store, same pipeline and day, a new work folder: "done" is not taken from the store alone."""
+    store = tmp_path / "store.db"  # a copy of the nights' store: the other tests keep theirs as it was
+    shutil.copy(str(nights.tracking_uri).removeprefix("sqlite:///"), store)
+    uri = f"sqlite:///{store}"
+    before = _versions(uri)
+    moved = dataclasses.replace(nights.lenient, workdir=tmp_path / "fresh", tracking_uri=uri)
+    result = run_pipeline(moved, as_of=DAY7)
+    assert result.status != "noop", result.message
+    assert (tmp_path / "fresh" / "runs" / DAY7.isoformat() / "state.json").is_file()
+    assert len(_versions(uri)) == len(before) + 1
+    again = run_pipeline(moved, as_of=DAY7)  # and now it is done there
+    assert again.status == "noop" and "already done in" in again.message
 
 
 def test_gates_pass_promotes_and_an_interrupted_promotion_resumes(tmp_path: Path, monkeypatch) -> None:
