@@ -176,9 +176,9 @@ def train_cmd(
         fields["alias"] = "champion"
     if resume:
         fields["resume"] = True
-    from ranking.data import load_features
+    from ranking.data import features_transform_path
 
-    load_features(features)  # the local inputs first, then the store:
+    features_transform_path(features)  # the local inputs first (read once, by train), then the store:
     uri = check_reachable(tracking_uri or default_tracking_uri())  # seconds, not MLflow's minutes of retries
     cfg = TrainConfig(
         features=features, out=out, tracking_uri=uri,

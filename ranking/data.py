@@ -71,12 +71,17 @@ class _TableDataset(Dataset[Batch]):
         return self.table.batch(torch.as_tensor(rows, dtype=torch.int64))
 
 
-def load_features(features_dir: str | Path) -> FittedTransform:
-    """The fitted transform of a features folder, with a clear error when it is not one."""
+def features_transform_path(features_dir: str | Path) -> Path:
+    """``features_dir/transform.json``, with a clear error when the folder is not a features folder."""
     path = Path(features_dir) / "transform.json"
     if not path.is_file():
         raise ValueError(f"not a features folder (no transform.json): {str(features_dir)!r}")
-    return FittedTransform.load(path)
+    return path
+
+
+def load_features(features_dir: str | Path) -> FittedTransform:
+    """The fitted transform of a features folder, with a clear error when it is not one."""
+    return FittedTransform.load(features_transform_path(features_dir))
 
 
 class RankingDataModule(L.LightningDataModule):

@@ -11,6 +11,17 @@ from features.spec import FeatureSpec, load_spec
 from features.synthetic import SynthConfig, write_log
 
 SMALL = SynthConfig(days=3, users=200, items=3000, requests_per_day=200, slate_size=10, seed=7)
+KUAIRAND = Path(__file__).resolve().parents[2] / "shared" / "data" / "kuairand_pure_subset"  # CI has it
+KUAIRAND_LOG = "log_standard_20220425_to_20220508.parquet"
+
+
+@pytest.fixture(scope="session")
+def kuairand_data() -> Path:
+    """The real KuaiRand-Pure files; a test that needs them fails (never skips) when they are missing."""
+    if not (KUAIRAND / KUAIRAND_LOG).is_file():
+        pytest.fail(f"KuaiRand data missing: expected {str(KUAIRAND / KUAIRAND_LOG)!r} "
+                    "(the repo's sibling shared/data folder)")
+    return KUAIRAND
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ from features.datasets.kuairand import scan
 from features.fitted import OOV, FittedTransform
 from features.spec import FeatureSpec, load_spec
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kuairand_pure_subset"
 LOG = "log_standard_20220425_to_20220508.parquet"
 USER = "user_features_pure.csv.gz"
 VIDEO = "video_features_basic_pure.csv.gz"
@@ -32,10 +31,8 @@ NEVER_INPUTS = {"play_time_ms", "profile_stay_time", "comment_stay_time", "time_
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    if not (DATA / LOG).is_file():
-        pytest.fail(f"KuaiRand data missing: expected {str(DATA / LOG)!r} (the repo's sibling shared/data folder)")
-    return DATA
+def data(kuairand_data: Path) -> Path:
+    return kuairand_data
 
 
 @pytest.fixture(scope="module")

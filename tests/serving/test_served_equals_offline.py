@@ -49,8 +49,6 @@ from serving.client import build_request, read_ranking
 
 from .conftest import BackgroundServer
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kuairand_pure_subset"
-LOG = "log_standard_20220425_to_20220508.parquet"
 REQUEST_KEY = ("user_id", "date", "hour", "tab")  # the spec has no request key: one user, one context
 USERS = 700  # first users of the test split whose holdout rows are served (about 3,800 rows in 3,200 requests)
 TRAIN_STEPS = 40
@@ -94,10 +92,8 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    if not (DATA / LOG).is_file():
-        pytest.fail(f"KuaiRand data missing: expected {str(DATA / LOG)!r} (the repo's sibling shared/data folder)")
-    return DATA
+def data(kuairand_data: Path) -> Path:
+    return kuairand_data
 
 
 @pytest.fixture(scope="module")
