@@ -7,6 +7,7 @@ a ``threading.Event`` holds the single worker busy so that the queue can be shap
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Coroutine
@@ -18,6 +19,7 @@ import pytest
 
 from ranking.inference import InferenceModel
 from serving.batcher import (
+    OVERLAP_MIN,
     ArrivalGap,
     BatcherClosed,
     BatcherConfig,
@@ -27,6 +29,7 @@ from serving.batcher import (
     DynamicBatcher,
     QueueFull,
     WouldExceedBudget,
+    cut_at,
 )
 
 Request = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # (user, context, candidates)
@@ -194,6 +197,72 @@ def test_steady_stream_still_fills_batches_under_a_long_delay() -> None:
     # without waiting each request would run alone (the worker is idle between arrivals)
     assert len(sizes) <= 10 and sum(sizes) / len(sizes) >= 4, sizes
     assert max(sizes) == 10  # cut when full, not at the delay
+
+
+def test_a_closed_loop_caller_is_never_kept_waiting() -> None:
+    """One caller that sends the next request once the last is answered: nobody else can come.
+
+    Its arrivals are as frequent as its answers, so the gap alone says "wait": about half the
+    50 ms delay per request. None of them finds another request in the batcher (``overlap`` falls),
+    so after the first few each is cut at once.
+    """
+    rec = Recorder()
+    batcher = DynamicBatcher(rec, BatcherConfig(max_batch_candidates=100, max_queue_delay_us=50_000))
+
+    async def main() -> list[float]:
+        elapsed = []
+        for i in range(30):
+            start = time.perf_counter()
+            await submit(batcher, f"r{i}", 10)
+            elapsed.append(time.perf_counter() - start)
+        await batcher.close()
+        return elapsed
+
+    elapsed = run(main())
+    assert float(np.median(elapsed[10:])) < 0.005, elapsed  # far under the 25 ms a gap-only rule waits
+    assert batcher.overlap < OVERLAP_MIN
+
+
+@pytest.mark.parametrize(("gap", "last", "overlap", "due"), [
+    (None, None, 1.0, -math.inf),  # a first request: nobody is known to come
+    (0.0005, 10.0, 0.2, -math.inf),  # arrivals stopped overlapping
+    (0.0005, 10.0, 1.0, 10.001),  # a busy stream: half the delay, since the latest arrival was just now
+    (0.0015, 10.0, 1.0, 10.0005),  # sparser arrivals: wait less
+    (0.0005, 9.0, 1.0, 9.501),  # nobody for a long while: the stream stopped, cut at once
+])
+def test_cut_at_waits_only_for_an_expected_arrival(gap: float | None, last: float | None, overlap: float,
+                                                   due: float) -> None:
+    got = cut_at(10.0, 0.002, gap, last, overlap)
+    assert got == pytest.approx(due) if math.isfinite(due) else got == due
+
+
+def test_a_lone_cheap_request_runs_on_the_loop_thread_and_a_costly_or_queued_one_on_the_worker() -> None:
+    """No thread hop where it costs more than it saves; under load the loop stays free."""
+    threads: list[tuple[str, str]] = []
+
+    def run_batch(items: list[tuple[str, float]]) -> list[str]:
+        for name, pause in items:
+            threads.append((name, threading.current_thread().name))
+            time.sleep(pause)
+        return [name for name, _ in items]
+
+    batcher: DynamicBatcher[tuple[str, float], str] = DynamicBatcher(run_batch, BatcherConfig(max_queue_delay_us=0))
+
+    async def main() -> None:
+        await batcher.submit(("first", 0.0), 1)  # nothing measured yet: the worker
+        await batcher.submit(("cheap", 0.0), 1)  # measured cheap, alone: the loop
+        await asyncio.gather(*(batcher.submit((f"burst{i}", 0.0), 1) for i in range(3)))  # together: the worker
+        for _ in range(3):  # a few slow ones teach the fit that a batch costs ~10 ms
+            await batcher.submit(("slow", 0.01), 1)
+        await batcher.close()
+
+    run(main())
+    loop_thread = threading.current_thread().name  # asyncio.run drives the loop on this thread
+    where = dict(threads)
+    assert where["first"] != loop_thread and where["first"].startswith("batcher")
+    assert where["cheap"] == loop_thread
+    assert [t for n, t in threads if n == "slow"][-1].startswith("batcher")  # fitted cost over INLINE_MAX_S
+    assert all(t.startswith("batcher") for n, t in threads if n.startswith("burst"))
 
 
 # ----------------------------------------------------------------------------- admission
