@@ -1,17 +1,49 @@
-"""MLflow wiring: where the store is, which experiment, and registering an inference artifact."""
+"""MLflow wiring: where the store is, which experiment, registering an inference artifact, and what runs record.
+
+Besides params and metrics, a run records its training data as dataset inputs (each split's
+Parquet files, described by their footers: rows and schema, never loaded), the machine's
+load as system metrics when ``psutil`` is installed, and ends FINISHED or FAILED, never left
+RUNNING by an error.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import logging
 import os
+import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import urlencode, urlparse
 
 import mlflow
+import polars as pl
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+log = logging.getLogger("pipelines.tracking")
 DEFAULT_DIR = ".mlflow"
+# The experiment tag the MLflow 3 UI reads for an experiment's type ("Machine learning" rather than
+# "GenAI apps & agents"); the values are the UI's ExperimentKind enum (server/js, MLflow 3.17).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# MLflow 3.17's UI picks its GenAI or model-training layout from this URL parameter (else from the
+# browser's last choice, GenAI at first), whatever the experiment's kind tag says.
+WORKFLOW_PARAM = {"workflowType": "machine_learning"}
+# A saved runs-list view of an experiment: the tag the UI's "Views" menu lists and
+# ``?viewStateShareKey=<key>`` opens.
+SAVED_VIEW_TAG = "mlflow.sharedViewState."
+RUN_NAME_COLUMN, CREATED_COLUMN = "attributes.`Run Name`", "runDateAndNestInfo"  # the UI's ids of both
+ERROR_TAG = "error"
 
 
 def default_tracking_uri() -> str:
@@ -43,15 +75,139 @@ def artifact_location(uri: str) -> str | None:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it with the right artifact location when new."""
+    """The experiment's id, creating it with the right artifact location when new.
+
+    The experiment is tagged as model training (:data:`EXPERIMENT_KIND_TAG`), also when it exists
+    without that tag; a kind someone chose in the UI is left alone.
+    """
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return str(exp.experiment_id)
-    # The kind tag makes the MLflow UI open the experiment on its runs table (MLflow 3 otherwise
-    # opens a GenAI overview for experiments without it).
     return str(client.create_experiment(name, artifact_location=artifact_location(uri),
-                                        tags={"mlflow.experimentKind": "custom_model_development"}))
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}))
+
+
+def runs_page(experiment_id: str, view: str | None = None) -> str:
+    """The UI route (after the server's base URL) of the experiment's runs list, in the model-training layout.
+
+    Example:
+        >>> runs_page("3", view="pipeline-nightly")
+        '/#/experiments/3/runs?viewStateShareKey=pipeline-nightly&workflowType=machine_learning'
+    """
+    query = ({"viewStateShareKey": view} if view else {}) | WORKFLOW_PARAM
+    return f"/#/experiments/{experiment_id}/runs?{urlencode(query)}"
+
+
+def save_runs_view(
+    client: MlflowClient, experiment_id: str, key: str, name: str, columns: Sequence[str],
+    widths: dict[str, int] | None = None,
+) -> None:
+    """Save a runs-list view on the experiment: which columns show (``tags.`x```, ``metrics.`y```), in order.
+
+    It appears in the UI's "Views" menu as ``name``, and :func:`runs_page` with ``view=key`` opens it,
+    so the runs list shows those columns, after the run name and start time, without anyone picking
+    them from hundreds. ``widths`` are in pixels by column id (the UI applies widths only to the
+    columns a view orders, so every column is ordered).
+    """
+    now = int(time.time() * 1000)
+    tag = SAVED_VIEW_TAG + key
+    old = client.get_experiment(experiment_id).tags.get(tag)
+    created = json.loads(old).get("createdAt", now) if old else now
+    state = {"selectedColumns": list(columns), "columnOrder": [RUN_NAME_COLUMN, CREATED_COLUMN, *columns],
+             "columnWidths": dict(widths or {}), "orderByKey": "attributes.start_time", "orderByAsc": False}
+    value = json.dumps({"name": name, "createdAt": created, "updatedAt": now, "state": json.dumps(state)})
+    if value != old:
+        client.set_experiment_tag(experiment_id, tag, value)
+
+
+class ParquetSplit(MetaDataset):
+    """One split's Parquet files as an MLflow dataset: source path, schema and row count from the footers.
+
+    The data itself is never read (a KuaiRand split is gigabytes); the digest changes when the files do.
+    """
+
+    def __init__(self, files: Sequence[Path], name: str, source: str | Path, salt: str = "") -> None:
+        if not files:
+            raise ValueError(f"dataset {name!r}: no Parquet files")
+        from mlflow.data.polars_dataset import infer_schema
+
+        scan = pl.scan_parquet([str(f) for f in files])
+        self.rows = int(scan.select(pl.len()).collect().item())
+        schema = infer_schema(pl.DataFrame(schema=scan.collect_schema()))
+        stamp = [salt, self.rows, *((f.name, f.stat().st_size) for f in files)]
+        digest = hashlib.sha256(json.dumps(stamp, default=str).encode()).hexdigest()[:16]
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice (for "" and "file:" URIs), then warns
+            # that a path matches both; they are the same kind of source.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            resolved = resolve_dataset_source(str(source))
+        super().__init__(resolved, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {"num_rows": self.rows}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def log_datasets(client: MlflowClient, run_id: str, splits: dict[str, ParquetSplit]) -> None:
+    """Record ``{context: dataset}`` as the run's dataset inputs (the context says which split)."""
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for context, ds in splits.items()])
+
+
+def feature_splits(features: Path, dataset: str, transform_hash: str) -> dict[str, ParquetSplit]:
+    """The model-ready splits of a ``ranker features build`` folder: ``{"train": ..., "val": ..., "test": ...}``."""
+    out = {}
+    for split in ("train", "val", "test"):
+        path = Path(features) / f"{split}.parquet"
+        if path.is_file():
+            out[split] = ParquetSplit([path], f"{dataset}-{split}", path.resolve(), salt=transform_hash)
+    return out
+
+
+def system_metrics(run_id: str, uri: str, resume: bool = False) -> Any | None:
+    """Start MLflow's system metrics monitor (CPU, memory, disk, network; GPU with pynvml) on ``run_id``.
+
+    On when ``psutil`` is importable, unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says false;
+    None otherwise. The caller calls ``finish()`` before the run ends.
+    """
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as ENABLED
+
+    if importlib.util.find_spec("psutil") is None or (ENABLED.defined and not ENABLED.get()):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def close_failed(
+    client: MlflowClient, run_id: str, error: BaseException, tag: str = ERROR_TAG, tags: dict[str, str] | None = None
+) -> None:
+    """End ``run_id`` as FAILED with ``error`` in ``tag`` (and ``tags``); a store that fails now too is logged.
+
+    The caller re-raises the original error, which this never hides.
+    """
+    try:
+        for key, value in {**(tags or {}), tag: f"{type(error).__name__}: {error}"[:5000]}.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # the store may be why the run failed
+        log.warning("could not mark MLflow run %s as failed: %s: %s", run_id, type(e).__name__, e)
+
+
+def reopen(client: MlflowClient, run_id: str, tag: str = ERROR_TAG) -> None:
+    """A run continued after a failure: RUNNING again, without the earlier attempt's error tag."""
+    client.update_run(run_id, status="RUNNING")
+    if tag in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, tag)
 
 
 def register_artifact(

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric
 
+from pipelines import quiet
 from pipelines.plots import gate_heatmap
-from pipelines.tracking import check_tracking_uri, ensure_experiment, register_artifact
+from pipelines.tracking import (
+    check_tracking_uri,
+    close_failed,
+    ensure_experiment,
+    feature_splits,
+    log_datasets,
+    register_artifact,
+    reopen,
+    system_metrics,
+)
 from ranking.artifact import build_model, export_artifact, warm_start
 from ranking.config import ModelConfig
 from ranking.data import RankingDataModule, load_features
@@ -62,9 +75,9 @@ class TrainConfig:
     register_as: str | None = "ranker"
     alias: str | None = None  # no alias moves unless asked: the pipeline's gates move the champion
     limit_train_batches: int | float = 1.0
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar when stderr is a terminal; a log line per epoch (rows/s) either way
     init_from: Path | None = None  # warm start: an inference artifact folder (e.g. the champion's)
-    run_name: str | None = None
+    run_name: str | None = None  # None: <dataset>-<model>-<UTC yyyymmdd-hhmm>, e.g. kuairand-mmoe-20261202-1403
     run_tags: dict[str, str] = field(default_factory=dict)  # e.g. mlflow.parentRunId of a pipeline run
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -150,6 +163,91 @@ class GateHeatmaps(Callback):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="gates")
 
 
+class Progress(TQDMProgressBar):
+    """Training progress: a tqdm bar on stderr (epoch, step, loss, rows/s) and one log line per epoch.
+
+    The bar shows only when ``bar`` is set (by :func:`train`: when stderr is a terminal); without it,
+    a line every ``heartbeat_s`` seconds says how far a long epoch has got. Rows are counted from the
+    batches this process trains on, times the number of processes (the data module gives each its
+    own share).
+    """
+
+    SHOWN = ("train/loss", "val/loss", "val/auc_mean")  # of the metrics the module puts on the bar
+
+    def __init__(self, bar: bool, heartbeat_s: float = 30.0) -> None:
+        super().__init__(refresh_rate=1 if bar else 0, leave=True)
+        self.heartbeat_s = heartbeat_s
+        self.rows = 0
+        self.started = self.beat = self.trained = time.perf_counter()
+
+    def rows_per_s(self) -> float:
+        """Training rows per second of this epoch so far (validation time excluded)."""
+        return self.rows / max(self.trained - self.started, 1e-9)
+
+    def _bar(self, desc: str, position: int, leave: bool) -> Tqdm:
+        return Tqdm(desc=desc, position=position, disable=self.is_disabled, leave=leave, dynamic_ncols=True,
+                    file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._bar(self.sanity_check_description, 2 * self.process_position, False)
+
+    def init_train_tqdm(self) -> Tqdm:
+        return self._bar(self.train_description, 2 * self.process_position, True)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        has_main_bar = self.trainer.state.fn != "validate"
+        return self._bar(self.validation_description, 2 * self.process_position + has_main_bar, not has_main_bar)
+
+    def get_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        shown = super().get_metrics(trainer, pl_module)
+        out = {k: v for k, v in shown.items() if k in self.SHOWN}
+        out["rows/s"] = f"{self.rows_per_s():,.0f}"
+        return out
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.rows = 0
+        self.started = self.beat = self.trained = time.perf_counter()
+        super().on_train_epoch_start(trainer, *args)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.rows += len(batch) * trainer.world_size
+        self.trained = time.perf_counter()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.is_disabled and trainer.is_global_zero and self.trained - self.beat >= self.heartbeat_s:
+            self.beat = self.trained
+            log.info("epoch %d/%d: step %d/%s, %s rows/s", trainer.current_epoch + 1, trainer.max_epochs,
+                     batch_idx + 1, _count(self.total_train_batches), f"{self.rows_per_s():,.0f}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # closes this epoch's bar before the line below
+        if not trainer.is_global_zero:
+            return
+        # This epoch's validation ran before this hook; its training metrics are logged after it.
+        metrics = trainer.callback_metrics
+        shown = [f"{k} {float(metrics[k]):.4f}" for k in ("val/loss", "val/auc_mean") if k in metrics]
+        log.info("epoch %d/%d: %d steps, %s rows in %.1f s (%s rows/s), validation %.1f s%s",
+                 trainer.current_epoch + 1, trainer.max_epochs, trainer.num_training_batches, f"{self.rows:,}",
+                 self.trained - self.started, f"{self.rows_per_s():,.0f}", time.perf_counter() - self.trained,
+                 "; " + ", ".join(shown) if shown else "")
+
+
+def _count(n: float | int) -> str:
+    return "?" if n == float("inf") else str(int(n))
+
+
+def default_run_name(dataset: str, model: str, now: datetime | None = None) -> str:
+    """``<dataset>-<model>-<UTC yyyymmdd-hhmm>``: what a plain training run is called in MLflow.
+
+    Example:
+        >>> default_run_name("kuairand", "mmoe", datetime(2026, 12, 2, 14, 3, tzinfo=UTC))
+        'kuairand-mmoe-20261202-1403'
+    """
+    return f"{dataset}-{model}-{(now or datetime.now(UTC)):%Y%m%d-%H%M}"
+
+
 SHARDED_EMBEDDING_LR = 0.05  # the fused row-wise Adagrad default when embedding_lr is unset
 
 
@@ -167,7 +265,13 @@ def _strategy(cfg: TrainConfig) -> str | TorchRecStrategy:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Fit, select the best epoch, export the artifact, log everything to MLflow, register the version."""
+    """Fit, select the best epoch, export the artifact, log everything to MLflow, register the version.
+
+    The MLflow run is named (``cfg.run_name``, else :func:`default_run_name`), records the training
+    data as dataset inputs and, with ``psutil`` installed, the machine's load; an error anywhere
+    after the run exists ends it FAILED with the error in a tag, and a resumed run drops that tag.
+    """
+    quiet.install()
     start = time.perf_counter()
     uri = check_tracking_uri(cfg.tracking_uri)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -184,49 +288,87 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     ensure_experiment(uri, cfg.experiment)
     out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    last = out / "checkpoints" / "last.ckpt"
     run_id_file = out / "mlflow_run_id"
     resuming = cfg.resume and last.is_file()
+    # Named here: MLflow's own random name would come from the generator seeded above, the same every run.
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
-                          run_name=cfg.run_name, tags=dict(cfg.run_tags) or None,
+                          run_name=cfg.run_name or default_run_name(fitted.spec.name, cfg.model),
+                          tags=dict(cfg.run_tags) or None,
                           run_id=run_id_file.read_text().strip() if resuming and run_id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:
-        run_id_file.write_text(str(logger.run_id))
-    if not resuming:
-        logger.log_hyperparams(
-            {
-                **{f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("model_overrides", "run_tags")},
-                **{f"model.{k}": v for k, v in mconf.to_dict().items() if k not in ("sparse", "tasks")},
-                "data.transform_hash": fitted.content_hash,
-                "data.train_window": f"{fitted.window.get('start')}..{fitted.window.get('end')}",
-                "data.train_rows": fitted.rows,
-            }
-        )
+    if rank_zero_only.rank != 0:  # type: ignore[attr-defined]  # other processes of a distributed run log nothing
+        return _fit_and_export(cfg, fitted, mconf, module, data, logger, resuming, start)
+    run_id = str(logger.run_id)  # creates the run (or finds the resumed one)
+    run_id_file.write_text(run_id)
+    client = logger.experiment
+    monitor = None
+    try:
+        if resuming:
+            reopen(client, run_id)
+        else:
+            logger.log_hyperparams(
+                {
+                    **{f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("model_overrides", "run_tags")},
+                    **{f"model.{k}": v for k, v in mconf.to_dict().items() if k not in ("sparse", "tasks")},
+                    "data.transform_hash": fitted.content_hash,
+                    "data.train_window": f"{fitted.window.get('start')}..{fitted.window.get('end')}",
+                    "data.train_rows": fitted.rows,
+                }
+            )
+            log_datasets(client, run_id, feature_splits(cfg.features, fitted.spec.name, fitted.content_hash))
+        monitor = system_metrics(run_id, uri, resume=resuming)
+        result = _fit_and_export(cfg, fitted, mconf, module, data, logger, resuming, start)
+        if monitor is not None:
+            monitor.finish()
+            monitor = None
+        logger.finalize("success")
+        return result
+    except BaseException as e:
+        if monitor is not None:
+            monitor.finish()
+        close_failed(client, run_id, e)
+        raise
+
+
+def _fit_and_export(
+    cfg: TrainConfig, fitted: Any, mconf: ModelConfig, module: RankingModule, data: RankingDataModule,
+    logger: MLFlowLogger, resuming: bool, start: float,
+) -> TrainResult:
+    """The Lightning fit, then (on rank 0) the final evaluation, the artifact and the registered version."""
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, monitor=cfg.monitor, mode=cfg.monitor_mode,
                            filename="best-{epoch:03d}")
-    callbacks: list[Callback] = [best, GateHeatmaps(out / "plots")]
+    bar = cfg.progress_bar and sys.stderr.isatty()
+    callbacks: list[Callback] = [best, GateHeatmaps(out / "plots"), Progress(bar=bar)]
     if cfg.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
                                        patience=cfg.early_stopping_patience))
+    precision = _precision(cfg.accelerator, cfg.precision)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=_strategy(cfg),
-        precision=_precision(cfg.accelerator, cfg.precision),  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
         logger=logger,
         callbacks=callbacks,
         deterministic=True,
         use_distributed_sampler=False,  # the data module shards its own epoch-seeded batches
-        limit_train_batches=cfg.limit_train_batches,
+        # None is Lightning's "all batches" without its line announcing that all batches will be used
+        limit_train_batches=None if cfg.limit_train_batches == 1.0 else cfg.limit_train_batches,
         log_every_n_steps=50,
         enable_model_summary=False,
-        enable_progress_bar=cfg.progress_bar,
+        enable_progress_bar=True,  # the Progress callback: a bar at a terminal, log lines otherwise
         default_root_dir=out,
     )
+    if trainer.is_global_zero:  # in place of Lightning's device banner, which quiet.install() drops
+        device = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+        log.info("training %s on %s rows of %s: %d epoch(s), batch %d, %s x%d, %s%s", cfg.model, f"{fitted.rows:,}",
+                 fitted.spec.name, cfg.epochs, cfg.batch_size, device, trainer.world_size, precision,
+                 ", resuming from the last checkpoint" if resuming else "")
     trainer.fit(module, datamodule=data, ckpt_path="last" if resuming else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     best_epoch = None
@@ -273,11 +415,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         how = {"made_by": "ranker train", "gates": "not run",
                "promoted": f"true ({cfg.alias}, by ranker train, no gates)" if cfg.alias else "false"}
         mv = register_artifact(
-            uri, run_id, "model", cfg.register_as, cfg.alias,
+            cfg.tracking_uri, run_id, "model", cfg.register_as, cfg.alias,
             description=f"{cfg.model} trained on {fitted.window.get('start')}..{fitted.window.get('end')}",
             tags=how,
         )
         version = str(mv.version)
         client.set_tag(run_id, "registered_version", version)
-    logger.finalize("success")
     return TrainResult(run_id, artifact, metrics, version, time.perf_counter() - start, best_epoch)

@@ -1,15 +1,21 @@
 """A real training run against a real sqlite MLflow store and model registry."""
 
 import json
+import logging
+import re
+import warnings
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.tracking import artifact_location, check_tracking_uri
+from pipelines import quiet
+from pipelines.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, artifact_location, check_tracking_uri
 from pipelines.train import TrainConfig, parse_overrides, train
 from ranking.inference import InferenceModel
+
+SMALL = {"bottom_dims": (16,), "expert_dims": (8,)}
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +142,122 @@ def test_config_file(tmp_path: Path) -> None:
     f.write_text("epochz: 3\n")
     with pytest.raises(ValueError, match=r"unknown training field\(s\) \['epochz'\]"):
         load_config_file(f)
+
+
+def test_the_run_is_named_after_data_model_and_time_and_records_its_data(run, small_features: Path) -> None:
+    uri, result = run
+    client = MlflowClient(uri)
+    r = client.get_run(result.run_id)
+    # not MLflow's generated name, which the seeded generator makes the same for every run
+    assert re.fullmatch(r"synthetic-mmoe-\d{8}-\d{4}", r.info.run_name), r.info.run_name
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in r.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val"}  # the splits the features folder holds
+    summary = json.loads((small_features / "summary.json").read_text())
+    for split, ds in inputs.items():
+        assert ds.name == f"synthetic-{split}" and ds.source_type == "local"
+        assert json.loads(ds.source)["uri"] == str((small_features / f"{split}.parquet").resolve())
+        assert json.loads(ds.profile) == {"num_rows": summary["rows"][split]}
+        assert "mlflow_colspec" in json.loads(ds.schema)
+    exp = client.get_experiment(r.info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # the UI lists it as model training, not GenAI
+    assert r.info.status == "FINISHED" and "error" not in r.data.tags
+
+
+def test_a_failed_start_ends_the_run_failed_and_a_resume_clears_the_error(
+    small_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pipelines.train as train_module
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"features": small_features, "tracking_uri": uri, "batch_size": 256, "register_as": None,
+              "model_overrides": SMALL, "out": tmp_path / "run"}
+    first = train(TrainConfig(epochs=1, **common))
+
+    def store_down(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("tracking server went away")
+
+    monkeypatch.setattr(train_module, "system_metrics", store_down)  # the first call after the run reopens
+    with pytest.raises(ConnectionError):
+        train(TrainConfig(epochs=2, resume=True, **common))
+    client = MlflowClient(uri)
+    failed = client.get_run(first.run_id)
+    assert failed.info.status == "FAILED"  # not left RUNNING
+    assert failed.data.tags["error"] == "ConnectionError: tracking server went away"
+
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        resumed = train(TrainConfig(epochs=2, resume=True, **common))
+    assert resumed.run_id == first.run_id
+    done = client.get_run(first.run_id)
+    assert done.info.status == "FINISHED" and "error" not in done.data.tags  # the stale error is gone
+    assert len(client.get_metric_history(first.run_id, "val/loss")) == 2
+    # progress: one line per epoch with steps, rows and rows/s (stderr is no terminal here, so no bar)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 2/2:")]
+    assert re.match(r"epoch 2/2: \d+ steps, [\d,]+ rows in [\d.]+ s \([\d,]+ rows/s\), validation", line), line
+    assert "resuming from the last checkpoint" in caplog.text
+
+
+def test_a_run_that_fails_before_training_is_failed_not_running(
+    small_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.train as train_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("dataset schema unreadable")
+
+    monkeypatch.setattr(train_module, "log_datasets", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match="unreadable"):
+        train(TrainConfig(features=small_features, out=tmp_path / "run", tracking_uri=uri, register_as=None,
+                          model_overrides=SMALL))
+    [r] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("ranker").experiment_id])
+    assert r.info.status == "FAILED" and r.data.tags["error"] == "ValueError: dataset schema unreadable"
+
+
+def test_system_metrics_are_off_without_psutil_and_on_with_it(tmp_path: Path) -> None:
+    import importlib.util
+
+    from pipelines.tracking import system_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("sys"))
+    monitor = system_metrics(run.info.run_id, uri)
+    if importlib.util.find_spec("psutil") is None:
+        assert monitor is None  # silently off: psutil is optional
+        return
+    assert monitor is not None
+    monitor.finish()
+
+
+def test_quiet_drops_the_known_banners_and_warnings_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    quiet.install()
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    as_printed = [  # what training printed before (module: where each warning is attributed)
+        ("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+         "treespec.is_leaf()` instead.", FutureWarning, "lightning.pytorch.utilities._pytree"),
+        ("You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
+         "`LightningDataModule`. It will use the implementation from `LightningModule` instance.", UserWarning,
+         "lightning.pytorch.trainer.connectors.data_connector"),
+        ("The number of training batches (40) is smaller than the logging interval Trainer(log_every_n_steps=50). "
+         "Set a lower value for log_every_n_steps if you want to see logs for the training epoch.",
+         PossibleUserWarning, "lightning.pytorch.loops.fit_loop"),
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.install()  # ahead of "always"
+        for text, category, module in as_printed:
+            warnings.warn_explicit(text, category, "x.py", 1, module=module)
+        warnings.warn_explicit("a new Lightning warning", UserWarning, "x.py", 1, module="lightning.pytorch.x")
+    assert [str(w.message) for w in seen] == ["a new Lightning warning"]
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        rank_zero.info("GPU available: False, used: False")
+        rank_zero.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
+        rank_zero.info("`Trainer.fit` stopped: `max_epochs=2` reached.")
+        rank_zero.info("`Trainer.fit` stopped: `max_steps=10` reached.")
+        logging.getLogger("torch.fx._symbolic_trace").warning("is_fx_tracing will return true for both ...")
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=10` reached."]
