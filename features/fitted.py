@@ -336,7 +336,14 @@ class FittedTransform:
 
     @classmethod
     def load(cls, path: str | Path) -> FittedTransform:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a saved transform; a file that is not one is a ``ValueError`` naming the file."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"fitted transform {str(path)!r} is not valid JSON: {e}") from e
+        except (ValueError, KeyError, TypeError) as e:  # a wrong format, hash or field
+            raise ValueError(f"fitted transform {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
 def _hash(body: dict[str, Any]) -> str:

@@ -238,7 +238,14 @@ def load_spec(name_or_path: str | Path) -> FeatureSpec:
         if not res.is_file():
             raise ValueError(f"unknown dataset spec {str(name_or_path)!r}")
         text = res.read_text()
-    return parse_spec(yaml.safe_load(text), origin=str(name_or_path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"spec file {str(name_or_path)!r} is not valid YAML: {where}"
+                         f"{getattr(e, 'problem', None) or e}") from e
+    return parse_spec(data, origin=str(name_or_path))
 
 
 def parse_spec(data: object, origin: str = "<dict>") -> FeatureSpec:

@@ -1,20 +1,80 @@
-"""The ``ranker`` command line: thin commands that parse into typed configs and call library code."""
+"""The ``ranker`` command line: thin commands that parse into typed configs and call library code.
+
+One error boundary (:class:`RankerGroup`, with :mod:`pipelines.errors`) wraps every command: a usage
+error or an expected failure is one ``error: <what was being read>: <why>`` line on stderr, before
+any log line, and exit code 2; an unexpected one is a line that says to rerun with ``--debug``
+(exit code 1); Ctrl-C is ``error: interrupted`` (plus how to resume, where a command can) and exit
+code 130. ``ranker --debug`` (or ``RANKER_DEBUG=1``) shows tracebacks instead. Commands check
+what they can (paths, files, ports, the tracking store) before importing the heavy libraries.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import logging
 import os
+import shlex
 import sys
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="MMoE multi-task ranker: data, features, training, serving.", no_args_is_help=True)
+# typer vendors click (typer._click) and re-exports only some of its exceptions (Exit, Abort, BadParameter).
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
+
+from pipelines import errors
+from pipelines.errors import reading
+
+PACKAGE = "mmoe-ranker"
+
+
+class RankerGroup(TyperGroup):
+    """The top-level group: the one place where usage errors and command failures become one line each."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              windows_expand_args=windows_expand_args, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except NoArgsIsHelpError as e:  # the help text (rich prints it while the error is made)
+            if e.format_message().strip():
+                typer.echo(e.format_message(), err=True)
+            code = e.exit_code
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "ranker"
+            typer.echo(f"error: {where}: {_one_line(e.format_message())} (see {where} --help)", err=True)
+            code = e.exit_code
+        except ClickException as e:
+            typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+            code = e.exit_code
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    def invoke(self, ctx: Any) -> Any:
+        with errors.boundary(lambda line: typer.echo(line, err=True), typer.Exit,
+                             passthrough=(typer.Exit, ClickException)):
+            return super().invoke(ctx)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+app = typer.Typer(cls=RankerGroup, help="MMoE multi-task ranker: data, features, training, serving.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 features_app = typer.Typer(help="Feature pipelines.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Scheduled training: ingest, train, evaluate against the champion, promote.",
@@ -23,23 +83,32 @@ app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 app.add_typer(pipeline_app, name="pipeline")
 
-F = TypeVar("F", bound=Callable[..., Any])
+
+def package_version() -> str:
+    """The installed version of the package (what ``pip`` installed), or ``unknown`` when it is not installed."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
-def friendly(fn: F) -> F:
-    """Turn user errors into one readable line on stderr and exit code 2 (no traceback)."""
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ranker ({PACKAGE}) {package_version()}")
+        raise typer.Exit()
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipelines.lock import PipelineBusy
 
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError, PipelineBusy) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print the installed version and exit.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help=f"Show the traceback of a failure instead of one error line (or set {errors.DEBUG_ENV}=1).",
+    )] = False,
+) -> None:
+    """MMoE multi-task ranker: data, features, training, serving."""
+    if debug:
+        os.environ[errors.DEBUG_ENV] = "1"  # child processes (the demo's pipeline and server) inherit it
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -61,52 +130,120 @@ def _day(value: str | None, flag: str) -> date | None:
         raise ValueError(f"{flag} must be YYYY-MM-DD, got {value!r}") from None
 
 
+def _out_folder(path: Path, flag: str = "--out") -> Path:
+    """An output folder, refused before any work when it names an existing file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file; give a folder (it is created when missing)")
+    return path
+
+
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: empty mapping); errors name the file, line and column."""
+    import yaml
+
+    with reading(what, path):
+        if not path.is_file():
+            raise ValueError(f"{what} not found: {str(path)!r}")
+        data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def typed_fields(cls: type, values: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    """``values`` checked against the field types of the dataclass ``cls`` and coerced (``1`` -> ``1.0``).
+
+    Names that ``cls`` lacks pass unchanged (the config refuses them with the list of known fields).
+
+    Raises:
+        ValueError: ``"<where(name)>: expects <type>, got <value>"`` for the first value of a wrong type.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Knobs:
+        ...     epochs: int = 2
+        >>> typed_fields(Knobs, {"epochs": "two"}, lambda name: f"--set {name}")
+        Traceback (most recent call last):
+        ...
+        ValueError: --set epochs: expects int, got 'two'
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        try:
+            out[name] = TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError:
+            raise ValueError(f"{where(name)}: expects {_type_name(hints[name])}, got {value!r}") from None
+        if isinstance(value, list | tuple):
+            out[name] = tuple(out[name])
+    return out
+
+
 @data_app.command("synth")
-@friendly
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder (date=YYYY-MM-DD/ partitions).")],
-    days: Annotated[int | None, typer.Option(help="Days of impressions.")] = None,
-    users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
-    items: Annotated[int | None, typer.Option(help="Number of items.")] = None,
-    requests_per_day: Annotated[int | None, typer.Option(help="Requests per day.")] = None,
-    slate_size: Annotated[int | None, typer.Option(help="Candidates shown per request.")] = None,
-    correlation: Annotated[float | None, typer.Option(help="Engagement/satisfaction correlation.")] = None,
-    position_bias: Annotated[float | None, typer.Option(help="Exponent of the examination curve.")] = None,
-    policy_promotion: Annotated[
-        float | None, typer.Option(help="Logging-policy boost for promoted categories (a position confounder).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    days: Annotated[int | None, typer.Option(help="Days of impressions.", show_default="7")] = None,
+    users: Annotated[int | None, typer.Option(help="Number of users.", show_default="2000")] = None,
+    items: Annotated[int | None, typer.Option(help="Number of items.", show_default="10000")] = None,
+    requests_per_day: Annotated[int | None, typer.Option(help="Requests per day.", show_default="3000")] = None,
+    slate_size: Annotated[int | None, typer.Option(help="Candidates shown per request.", show_default="20")] = None,
+    correlation: Annotated[float | None, typer.Option(
+        help="Engagement/satisfaction correlation, in [-1, 1].", show_default="0.6")] = None,
+    position_bias: Annotated[float | None, typer.Option(
+        help="Exponent of the examination curve (0: no position effect).", show_default="1.0")] = None,
+    policy_promotion: Annotated[float | None, typer.Option(
+        help="Logging-policy boost for promoted categories (a position confounder).", show_default="0.0")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default="0")] = None,
 ) -> None:
     """Write a synthetic YouTube-like impression log as date-partitioned Parquet."""
+    _out_folder(out)
     from features.synthetic import config_with, write_log
 
     cfg = config_with(
         days=days, users=users, items=items, requests_per_day=requests_per_day, slate_size=slate_size,
         correlation=correlation, position_bias=position_bias, policy_promotion=policy_promotion, seed=seed,
     )
-    paths = write_log(cfg, out)
+    with reading("--out folder", out):
+        paths = write_log(cfg, out)
     rows = cfg.days * cfg.requests_per_day * cfg.slate_size
     typer.echo(f"wrote {rows} impressions in {len(paths)} daily partitions under {out}")
 
 
 @features_app.command("build")
-@friendly
 def features_build(
     input: Annotated[Path, typer.Option(help="Raw data: a file or folder in the dataset's layout.")],
     out: Annotated[Path, typer.Option(help="Output folder for model-ready data.")],
     dataset: Annotated[str, typer.Option(help="Dataset adapter: synthetic, kuairand or census.")] = "synthetic",
-    spec: Annotated[Path | None, typer.Option(help="A spec YAML file (default: the dataset's own).")] = None,
-    train_end: Annotated[str | None, typer.Option(help="Last training day YYYY-MM-DD.")] = None,
+    spec: Annotated[Path | None, typer.Option(
+        help="A feature spec YAML file.", show_default="the dataset's own spec")] = None,
+    train_end: Annotated[str | None, typer.Option(
+        help="Last training day YYYY-MM-DD.", show_default="the spec's split")] = None,
 ) -> None:
     """Validate, split, fit on the training rows only, write model-ready Parquet and a summary."""
+    end = _day(train_end, "--train-end")
+    _out_folder(out)
     from features.build import build
     from features.datasets import scan_dataset
     from features.spec import load_spec
 
-    end = _day(train_end, "--train-end")
-    # A Parquet log folder is built partition by partition (bounded memory); adapters give one frame.
-    source = input if dataset == "synthetic" else scan_dataset(dataset, input)
-    summary = build(source, load_spec(spec or dataset), out, end)
+    with reading("input", input):
+        # A Parquet log folder is built partition by partition (bounded memory); adapters give one frame.
+        source = input if dataset == "synthetic" else scan_dataset(dataset, input)
+    with reading("spec file", spec) if spec else nullcontext():
+        feature_spec = load_spec(spec or dataset)
+    with reading("input", input):
+        summary = build(source, feature_spec, out, end)
     typer.echo(format_summary(summary, out))
 
 
@@ -128,29 +265,37 @@ def format_summary(summary: Any, out: Path) -> str:
     return "\n".join(lines)
 
 
+STORE_DEFAULT = "MLFLOW_TRACKING_URI, else sqlite:///.mlflow/mlflow.db"
+
+
 @app.command("train")
-@friendly
 def train_cmd(
     features: Annotated[Path, typer.Option(help="Output of `ranker features build`.")],
-    model: Annotated[str | None, typer.Option(help="mmoe (default), ple, omoe, shared_bottom, single_task.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML of training fields (+ model_config: {...}).")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Model config override key=value (repeatable).")
-    ] = None,
+    model: Annotated[str | None, typer.Option(
+        help="mmoe, ple, omoe, shared_bottom or single_task.", show_default="mmoe")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML of training fields (+ model_config: {...}).", show_default="none")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Model config override key=value (repeatable; JSON values, checked against the field's type).",
+        show_default="none")] = None,
     out: Annotated[Path, typer.Option(help="Folder for checkpoints, artifact, metrics.json.")] = Path("runs/latest"),
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 2).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default 1024).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 2e-3).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for weights, shuffling and dropout.")] = None,
-    accelerator: Annotated[str | None, typer.Option(help="Lightning accelerator: auto, cpu, gpu.")] = None,
-    devices: Annotated[str | None, typer.Option(help="Devices per node (e.g. 2, or auto).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Lightning strategy (auto, ddp).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default="2")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch.", show_default="1024")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.", show_default="0.002")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for weights, shuffling and dropout.", show_default="0")] = None,
+    accelerator: Annotated[str | None, typer.Option(
+        help="Lightning accelerator: auto, cpu, gpu.", show_default="auto")] = None,
+    devices: Annotated[str | None, typer.Option(help="Devices per node (e.g. 2, or auto).", show_default="1")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="Lightning strategy: auto, ddp or torchrec (sharded tables).", show_default="auto")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (default ranker).")] = None,
-    register_as: Annotated[str | None, typer.Option(help="Registered model name ('' = don't register).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.", show_default=STORE_DEFAULT)] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.", show_default="ranker")] = None,
+    register_as: Annotated[str | None, typer.Option(
+        help="Registered model name ('' = don't register).", show_default="ranker")] = None,
     alias: Annotated[str | None, typer.Option(
-        help="Point this alias at the new version (none by default; the pipeline's gates move the champion).")] = None,
+        help="Point this alias at the new version (the pipeline's gates move the champion).",
+        show_default="none: no alias moves")] = None,
     promote: Annotated[bool, typer.Option(
         help="Make the new version the champion without gates (same as --alias champion; tagged so).")] = False,
 ) -> None:
@@ -158,11 +303,29 @@ def train_cmd(
 
     Precedence: command-line options > --config file > defaults; --set overrides model_config.
     """
+    if promote and alias not in (None, "", "champion"):
+        raise ValueError(f"--promote moves 'champion'; it cannot go with --alias {alias!r}")
+    # The local inputs first, before the training stack is imported (seconds) and the store is opened:
+    if not (features / "transform.json").is_file():  # read once, by train
+        raise ValueError(f"not a features folder (no transform.json): {str(features)!r}")
+    _out_folder(out)
+    if config is not None:
+        _read_mapping(config, "config file")
     from pipelines.tracking import check_reachable, default_tracking_uri
-    from pipelines.train import TrainConfig, load_config_file, parse_overrides, train
 
-    _setup_logging()
-    fields, model_overrides = load_config_file(config) if config else ({}, {})
+    store = tracking_uri or default_tracking_uri()
+    with reading("tracking store", store):
+        uri = check_reachable(store)  # seconds, not MLflow's minutes of retries
+    from pipelines.train import TrainConfig, load_config_file, parse_overrides, train
+    from ranking.config import ModelConfig
+
+    with reading("config file", config) if config else nullcontext():
+        fields, model_overrides = load_config_file(config) if config else ({}, {})
+    if config is not None:
+        fields = typed_fields(TrainConfig, fields, lambda n: f"config file {str(config)!r}: field {n!r}")
+        model_overrides = typed_fields(ModelConfig, model_overrides,
+                                       lambda n: f"config file {str(config)!r}: field 'model_config.{n}'")
+    overrides = typed_fields(ModelConfig, parse_overrides(set_ or []), lambda n: f"--set {n}")
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "accelerator": accelerator,
              "strategy": strategy, "devices": (int(devices) if devices and devices.isdigit() else devices),
              "model": model, "experiment": experiment, "register_as": register_as, "alias": alias}
@@ -176,14 +339,11 @@ def train_cmd(
         fields["alias"] = "champion"
     if resume:
         fields["resume"] = True
-    from ranking.data import features_transform_path
-
-    features_transform_path(features)  # the local inputs first (read once, by train), then the store:
-    uri = check_reachable(tracking_uri or default_tracking_uri())  # seconds, not MLflow's minutes of retries
-    cfg = TrainConfig(
-        features=features, out=out, tracking_uri=uri,
-        model_overrides={**model_overrides, **parse_overrides(set_ or [])}, **fields,
-    )
+    cfg = TrainConfig(features=features, out=out, tracking_uri=uri,
+                      model_overrides={**model_overrides, **overrides}, **fields)
+    _setup_logging()  # after the checks and imports: an error line comes first, and imports log nothing
+    last = out / "checkpoints" / "last.ckpt"
+    errors.on_interrupt(lambda: f"rerun with --resume to continue from {last}" if last.is_file() else None)
     result = train(cfg)
     if not result.primary:
         return
@@ -196,14 +356,14 @@ def train_cmd(
 
 
 @app.command("serve")
-@friendly
 def serve_cmd(
     model: Annotated[str, typer.Option(help="models:/name@alias, models:/name/version or a folder.")] = (
         "models:/ranker@champion"
     ),
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI of an existing store (never created here).", show_default=STORE_DEFAULT)] = None,
     max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = 1000,
     max_batch_candidates: Annotated[int, typer.Option(help="Most candidates in one batched forward pass.")] = 1000,
     max_queue_delay_us: Annotated[int, typer.Option(
@@ -215,29 +375,65 @@ def serve_cmd(
     reload_interval_s: Annotated[float, typer.Option(help="Poll the model URI every N s; 0 = off.")] = (
         30.0
     ),
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port of --host.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain (with --tls-key).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key (with --tls-cert).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus /metrics on this port of --host (0 picks a free one).", show_default="off")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="PEM certificate chain (with --tls-key).", show_default="none: plaintext")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        help="PEM private key (with --tls-cert).", show_default="none: plaintext")] = None,
     max_message_mb: Annotated[int, typer.Option(help="Largest request or response message (MiB).")] = 16,
     log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
     torch_threads: Annotated[int, typer.Option(help="Threads of one forward pass (forwards run one at a time).")] = 1,
-    ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here when serving.")] = None,
+    ready_file: Annotated[Path | None, typer.Option(
+        help="Write the bound port here when serving.", show_default="none")] = None,
     workers: Annotated[int | None, typer.Option(
-        help="Server processes sharing the port (SO_REUSEPORT); default one per core; 1 = one process.")] = None,
+        help="Server processes sharing the port (SO_REUSEPORT); 1 = one process, no supervisor.",
+        show_default="one per core")] = None,
     compile: Annotated[bool, typer.Option(
         help="torch.compile the model at load (slower loads; eager if it fails or disagrees).")] = False,
 ) -> None:
-    """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM."""
+    """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM.
+
+    Before anything is bound, the ports are checked, the tracking store is opened (an existing one
+    only: a mistyped sqlite path is an error, not a new empty store) and the model is fetched,
+    loaded and warmed up once.
+    """
     import asyncio
 
-    from pipelines.tracking import default_tracking_uri
-    from serving.batcher import BatcherConfig
-    from serving.server import ServerOptions, serve
+    from pipelines.ui import check_bindable, project_store_uri, sqlite_path
 
     if log_format not in ("json", "text"):
         raise ValueError(f"--log-format must be json or text, got {log_format!r}")
     if not 0 <= max_queue_wait_ms < float("inf"):  # also refuses NaN
         raise ValueError(f"--max-queue-wait-ms must be a finite number >= 0 (0: no budget), got {max_queue_wait_ms}")
+    if torch_threads < 1:
+        raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    check_bindable(host, port, "--port")
+    if metrics_port is not None:
+        if metrics_port == port != 0:
+            raise ValueError(f"--metrics-port {metrics_port} is the gRPC --port too; give another")
+        check_bindable(host, metrics_port, "--metrics-port")
+    local = "://" not in model and ":/" not in model  # what serving.holder reads as a folder
+    if local and not Path(model).is_dir():
+        raise ValueError(f"model uri {model!r} is neither an MLflow URI nor an existing folder")
+    store = tracking_uri or project_store_uri()
+    if not local:
+        db = sqlite_path(store)
+        if db is not None and not db.is_file():
+            raise ValueError(f"tracking store {store!r} does not exist (no file {str(db)!r}); ranker serve reads "
+                             "an existing store and never creates one")
+        from pipelines.tracking import check_reachable
+
+        with reading("tracking store", store):
+            check_reachable(store)
+
+    from serving.batcher import BatcherConfig
+    from serving.holder import ModelHolder
+    from serving.server import ServerOptions, serve
+    from serving.workers import PoolOptions, WorkerError, default_workers, serve_workers
+
     options = ServerOptions(
         host=host, port=port, max_candidates=max_candidates, max_message_bytes=max_message_mb * 1024 * 1024,
         tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None,
@@ -246,29 +442,37 @@ def serve_cmd(
                                enabled=batching),
         reload_interval_s=reload_interval_s, metrics_port=metrics_port, compile=compile,
     )
-    if torch_threads < 1:
-        raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")
-    from serving.workers import PoolOptions, WorkerError, default_workers, serve_workers
-
-    n_workers = default_workers() if workers is None else workers
-    if n_workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {n_workers}")
-    _setup_serve_process(log_format, torch_threads)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
+    with reading("model", model), _quiet("serving"):
+        check = ModelHolder(model, store)  # what the server will load, once, before binding
+        try:
+            check.load()
+        finally:
+            check.close()
+    n_workers = default_workers() if workers is None else workers
+    _setup_serve_process(log_format, torch_threads)
     if n_workers > 1:
         try:
-            serve_workers(model, tracking_uri=tracking_uri or default_tracking_uri(),
-                          ready_file=str(ready_file) if ready_file else None, options=options,
-                          pool=PoolOptions(workers=n_workers),
+            serve_workers(model, tracking_uri=store, ready_file=str(ready_file) if ready_file else None,
+                          options=options, pool=PoolOptions(workers=n_workers),
                           setup=functools.partial(_setup_serve_process, log_format, torch_threads))
         except WorkerError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2 if e.user_error else 1) from None
         return
-    asyncio.run(
-        serve(model, tracking_uri=tracking_uri or default_tracking_uri(), options=options,
-              ready_file=str(ready_file) if ready_file else None)
-    )
+    asyncio.run(serve(model, tracking_uri=store, options=options, ready_file=str(ready_file) if ready_file else None))
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Keep logger ``name``'s records off the terminal (a failed load logs its traceback; the error line says why)."""
+    logger = logging.getLogger(name)
+    saved = logger.propagate, logger.handlers[:]
+    logger.propagate, logger.handlers = False, [logging.NullHandler()]
+    try:
+        yield
+    finally:
+        logger.propagate, logger.handlers = saved
 
 
 def _setup_serve_process(log_format: str, torch_threads: int) -> None:
@@ -286,32 +490,26 @@ def _setup_serve_process(log_format: str, torch_threads: int) -> None:
 
 
 @app.command("rank")
-@friendly
 def rank_cmd(
     target: Annotated[str, typer.Option(help="host:port of a running `ranker serve`.")] = "127.0.0.1:50051",
-    log: Annotated[Path | None, typer.Option(help="Take the request from this raw log.")] = None,
-    request: Annotated[Path | None, typer.Option(help="A JSON request {user, context, candidates, item_ids}.")]
-    = None,
+    log: Annotated[Path | None, typer.Option(
+        help="Take the request from this raw log (or give --request).", show_default="none")] = None,
+    request: Annotated[Path | None, typer.Option(
+        help="A JSON request {user, context, candidates, item_ids} (or give --log).", show_default="none")] = None,
     index: Annotated[int, typer.Option(help="Which request of --log (time order; -1 = last).")] = -1,
     dataset: Annotated[str, typer.Option(help="Spec that names user/context/item columns of --log.")] = (
         "synthetic"
     ),
     top_k: Annotated[int, typer.Option(help="Candidates to return (0 = all).")] = 10,
-    weight: Annotated[
-        list[str] | None, typer.Option(help="Objective weight override name=value (repeatable).")
-    ] = None,
+    weight: Annotated[list[str] | None, typer.Option(
+        help="Objective weight override name=value (repeatable).", show_default="the model's serving weights")] = None,
     timeout_s: Annotated[float, typer.Option(help="Deadline of the call in seconds.")] = 5.0,
 ) -> None:
     """Send one Rank call and print the ranked list with each objective's score."""
-    import grpc
-
-    from features.spec import load_spec
-    from pipelines.requests import request_from_log
-    from serving.client import RankerClient, format_ranking
-
     if (log is None) == (request is None):
         raise ValueError("give exactly one of --log or --request")
-    req = request_from_log(log, load_spec(dataset), index) if log is not None else _read_request(request)
+    if log is not None and not log.exists():
+        raise ValueError(f"--log {str(log)!r}: no such file or folder")
     weights = {}
     for w in weight or []:
         name, _, value = w.partition("=")
@@ -319,13 +517,25 @@ def rank_cmd(
             weights[name] = float(value)
         except ValueError:
             raise ValueError(f"--weight expects name=number, got {w!r}") from None
+    import grpc
+
+    from features.spec import load_spec
+    from pipelines.requests import request_from_log
+    from serving.client import RankerClient, format_ranking
+
+    if log is not None:
+        spec = load_spec(dataset)
+        with reading("log", log):
+            req = request_from_log(log, spec, index)
+    else:
+        req = _read_request(request)
     try:
         with RankerClient(target) as client:
             resp = client.rank(req.user, req.context, req.candidates, req.item_ids,
                                objective_weights=weights or None, top_k=top_k,
                                request_id=req.request_id, timeout_s=timeout_s)
     except grpc.RpcError as e:
-        typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
+        typer.echo(f"error: ranker at {target!r}: {e.code().name}: {_one_line(str(e.details()))}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_ranking(resp, limit=top_k or len(resp.candidates)))
 
@@ -337,12 +547,15 @@ def _read_request(path: Path | None) -> Any:
         raise ValueError(f"request file not found: {str(path)!r}")
     try:
         body = json.loads(path.read_text())
-        return RawRequest(str(body.get("request_id", "")), body["user"], body["context"],
-                          body["candidates"], body["item_ids"])
     except json.JSONDecodeError as e:
         raise ValueError(f"request file {str(path)!r} is not valid JSON: {e}") from None
-    except KeyError as e:
-        raise ValueError(f"request file {str(path)!r} lacks field {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"request file {str(path)!r} must hold a JSON object, got {type(body).__name__}")
+    missing = [k for k in ("user", "context", "candidates", "item_ids") if k not in body]
+    if missing:
+        raise ValueError(f"request file {str(path)!r} lacks field(s) {missing}")
+    return RawRequest(str(body.get("request_id", "")), body["user"], body["context"], body["candidates"],
+                      body["item_ids"])
 
 
 def _config_path(config: str) -> Path:
@@ -356,30 +569,72 @@ def _config_path(config: str) -> Path:
 
 
 def _pipeline_config(config: str, workdir: Path | None = None, tracking_uri: str | None = None) -> Any:
+    """The typed pipeline config (cheap: no training stack imported); its workdir must not be a file."""
     from pipelines.config import load_pipeline_config
 
-    return load_pipeline_config(_config_path(config), workdir=workdir, tracking_uri=tracking_uri)
+    cfg = load_pipeline_config(_config_path(config), workdir=workdir, tracking_uri=tracking_uri)
+    _out_folder(cfg.workdir, "workdir")
+    return cfg
+
+
+def _check_train_fields(cfg: Any) -> None:
+    """The pipeline's ``train:`` values against the types of ``ranker train``'s fields, before any work."""
+    from pipelines.train import TrainConfig
+    from ranking.config import ModelConfig
+
+    where = f"pipeline config {str(cfg.path)!r}"
+    fields = dict(cfg.train)
+    model = fields.pop("model_config", None) or {}
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: field 'train.model_config' must be a mapping, got {model!r}")
+    typed_fields(TrainConfig, fields, lambda n: f"{where}: field 'train.{n}'")
+    typed_fields(ModelConfig, model, lambda n: f"{where}: field 'train.model_config.{n}'")
+
+
+def _command(*args: str | Path | None) -> str:
+    """A ``ranker`` command line to show; flags whose value is None are left out (pairs: flag, value)."""
+    words: list[str] = []
+    it = iter(args)
+    for word in it:
+        if isinstance(word, str) and word.startswith("--"):
+            value = next(it)
+            if value is not None:
+                words += [word, str(value)]
+        elif word is not None:
+            words.append(str(word))
+    return "ranker " + shlex.join(words)
 
 
 @pipeline_app.command("run")
-@friendly
 def pipeline_run(
     config: Annotated[str, typer.Option(help="Pipeline YAML, or the name of a bundled one (synthetic, kuairand).")],
-    as_of: Annotated[str | None, typer.Option(help="Run for this day YYYY-MM-DD (default: newest day of data).")]
-    = None,
+    as_of: Annotated[str | None, typer.Option(
+        help="Run for this day YYYY-MM-DD.", show_default="the newest day of data")] = None,
     force: Annotated[bool, typer.Option(help="Run again even if this day is already done.")] = False,
-    workdir: Annotated[Path | None, typer.Option(help="Override the config's workdir.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="Override the config's MLflow URI.")] = None,
+    workdir: Annotated[Path | None, typer.Option(
+        help="Override the config's workdir.", show_default="the config's")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="Override the config's MLflow URI.", show_default="the config's")] = None,
 ) -> None:
     """Ingest -> validate -> features -> train -> evaluate vs champion -> register -> promote -> report.
 
     Re-running a day already done is a no-op (unless --force); an interrupted run resumes where it stopped.
     """
+    day = _day(as_of, "--as-of")
+    cfg = _pipeline_config(config, workdir, tracking_uri)
+    from pipelines.tracking import check_reachable, default_tracking_uri
+
+    store = cfg.tracking_uri or default_tracking_uri()
+    with reading("tracking store", store):
+        check_reachable(store)  # before the training stack is imported (the pipeline checks it again)
+    _check_train_fields(cfg)
+    _setup_logging()
     from pipelines.pipeline import run_pipeline
 
-    _setup_logging()
-    day = _day(as_of, "--as-of")
-    result = run_pipeline(_pipeline_config(config, workdir, tracking_uri), as_of=day, force=force)
+    again = _command("pipeline", "run", "--config", config, "--as-of", as_of, "--workdir", workdir,
+                     "--tracking-uri", tracking_uri)  # never --force: that would start the day over
+    errors.on_interrupt(lambda: f"rerun `{again}` to resume at the first unfinished step")
+    result = run_pipeline(cfg, as_of=day, force=force)
     typer.echo(result.message)
     if result.status == "done":
         typer.echo(f"report: {result.report}")
@@ -388,7 +643,6 @@ def pipeline_run(
 
 
 @pipeline_app.command("schedule")
-@friendly
 def pipeline_schedule(
     config: Annotated[str, typer.Option(help="Pipeline YAML, or the name of a bundled one.")],
     cron: Annotated[str, typer.Option(help="5-field crontab expression, e.g. '0 3 * * *'.")],
@@ -397,42 +651,53 @@ def pipeline_schedule(
         6 * 3600
     ),
     run_now: Annotated[bool, typer.Option(help="Also run once right away.")] = False,
-    jobstore_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the job store "
-                                                          "(default: sqlite in the pipeline's workdir).")] = None,
+    jobstore_url: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL of the job store.", show_default="sqlite:///<pipeline workdir>/scheduler.db")] = None,
 ) -> None:
     """Run the pipeline on a cron schedule until SIGINT/SIGTERM; missed runs are caught up once, never overlapped."""
-    from pipelines.schedule import ScheduleConfig, run_schedule
+    path = _config_path(config)
+    _pipeline_config(config)  # a bad file fails now, not at the first fire time
+    from pipelines.schedule import ScheduleConfig, parse_cron, run_schedule
 
+    parse_cron(cron, timezone)
     _setup_logging()
-    run_schedule(ScheduleConfig(config_path=_config_path(config), cron=cron, jobstore_url=jobstore_url,
-                                misfire_grace_s=misfire_grace_s, run_now=run_now, timezone=timezone))
+    with reading("job store", jobstore_url) if jobstore_url else nullcontext():
+        run_schedule(ScheduleConfig(config_path=path, cron=cron, jobstore_url=jobstore_url,
+                                    misfire_grace_s=misfire_grace_s, run_now=run_now, timezone=timezone))
 
 
 @pipeline_app.command("show")
-@friendly
 def pipeline_show(
     config: Annotated[str, typer.Option(help="Pipeline YAML, or the name of a bundled one.")],
 ) -> None:
     """Print the effective configuration (environment expanded, paths resolved)."""
+    cfg = _pipeline_config(config)
     from pipelines.pipeline import dump_config
 
-    typer.echo(dump_config(_pipeline_config(config)))
+    typer.echo(dump_config(cfg))
 
 
 @app.command("demo")
-@friendly
 def demo_cmd(
     workdir: Annotated[Path, typer.Option(help="Folder for the pipeline's landing data, lake and runs.")] = Path(
         ".demo"),
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: .mlflow/ sqlite).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.", show_default=STORE_DEFAULT)] = None,
 ) -> None:
     """The whole path: `ranker pipeline run --config synthetic`, then serve the champion and rank once."""
-    from pipelines.demo import DemoConfig, run_demo
-    from pipelines.tracking import default_tracking_uri
+    import subprocess
 
+    _out_folder(workdir, "--workdir")
+    from pipelines.tracking import check_reachable, default_tracking_uri
+
+    store = tracking_uri or default_tracking_uri()
+    with reading("tracking store", store):
+        uri = check_reachable(store)
     _setup_logging()
-    run_demo(DemoConfig(workdir=workdir, tracking_uri=tracking_uri or default_tracking_uri()))
+    from pipelines.demo import DemoConfig, run_demo
 
-
-if __name__ == "__main__":
-    app()
+    again = _command("demo", "--workdir", workdir, "--tracking-uri", tracking_uri)
+    errors.on_interrupt(lambda: f"rerun `{again}` to resume (the pipeline continues where it stopped)")
+    try:
+        run_demo(DemoConfig(workdir=workdir, tracking_uri=uri))
+    except subprocess.CalledProcessError as e:  # the step's own command printed its error line
+        raise typer.Exit(e.returncode if e.returncode > 0 else 1) from None

@@ -1,8 +1,11 @@
 """The MLflow UI over the project's store: the ``mlflow server`` command line and a managed server process.
 
 ``make mlflow-ui`` runs ``python -m pipelines.ui``, which replaces itself with ``mlflow server`` on
-127.0.0.1:5000 (``MLFLOW_UI_PORT`` changes the port) over ``default_tracking_uri()``. Tests use
-:func:`running_mlflow_server` to start the same server on a free port and talk to its REST API.
+127.0.0.1:5000 (``MLFLOW_UI_PORT`` changes the port) over the project's store (``MLFLOW_TRACKING_URI``,
+else ``.mlflow/mlflow.db``). It first checks that it can serve: a port that is taken or a store that
+is not there is one ``error:`` line and exit code 2, never a server that fails (or a new empty store)
+after the fact. Tests use :func:`running_mlflow_server` to start the same server on a free port and
+talk to its REST API.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from pipelines.tracking import artifact_location, default_tracking_uri
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -54,6 +55,8 @@ def mlflow_server_command(tracking_uri: str, host: str = DEFAULT_HOST, port: int
         >>> mlflow_server_command("sqlite:////tmp/s/mlflow.db", port=5001)[-6:]
         ['--host', '127.0.0.1', '--port', '5001', '--workers', '1']
     """
+    from pipelines.tracking import artifact_location
+
     artifacts = artifact_location(tracking_uri)  # None unless sqlite:///
     if artifacts is None or tracking_uri == "sqlite:///":
         raise ValueError(
@@ -88,6 +91,43 @@ def free_port(host: str = DEFAULT_HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def check_bindable(host: str, port: int, name: str) -> None:
+    """Refuse, before anything starts, a port that this machine cannot bind now (taken, privileged, bad host).
+
+    Binds and closes a socket with ``SO_REUSEADDR``, as servers do, so a port left in TIME_WAIT passes
+    and a port another process listens on fails. Port 0 (any free port) always passes.
+
+    Raises:
+        ValueError: naming ``name`` (the option or variable that set the port), the address and why.
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be a port in 0..65535, got {port}")
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"{name}: cannot bind host {host!r}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"{name} {port}: cannot bind {host}:{port}: {e.strerror or e}") from None
+
+
+def project_store_uri() -> str:
+    """The store commands use by default (``MLFLOW_TRACKING_URI``, else ``.mlflow/mlflow.db``), creating nothing."""
+    from pipelines.tracking import DEFAULT_DIR
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DIR).resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") and uri != "sqlite:///" else None
 
 
 def _healthy(url: str) -> bool:
@@ -160,12 +200,45 @@ def _signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
+def ui_command() -> tuple[list[str], str]:
+    """``(mlflow server argv, note)`` for ``make mlflow-ui``, once it is clear that it can serve.
+
+    Raises:
+        ValueError: ``MLFLOW_UI_PORT`` is no port or is taken, the store is remote, its folder is missing
+            (a typo, or nothing has run yet), or ``mlflow`` is not installed.
+    """
+    raw = os.environ.get("MLFLOW_UI_PORT", str(DEFAULT_PORT))
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"MLFLOW_UI_PORT must be a port number, got {raw!r}") from None
+    if port == 0:
+        raise ValueError("MLFLOW_UI_PORT must be a port in 1..65535 (a browser needs to know it), got 0")
+    uri = project_store_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.parent.is_dir():
+        raise ValueError(f"MLflow store {uri!r}: no such folder {str(db.parent)!r}; `make demo` or `ranker train` "
+                         "creates the project's store (or set MLFLOW_TRACKING_URI to an existing one)")
+    try:
+        cmd = mlflow_server_command(uri, port=port)
+    except RuntimeError as e:  # the mlflow executable is missing
+        raise ValueError(str(e)) from None
+    check_bindable(DEFAULT_HOST, port, "MLFLOW_UI_PORT")
+    empty = " (no runs yet: a new, empty store)" if db is not None and not db.is_file() else ""
+    return cmd, f"MLflow UI: http://{DEFAULT_HOST}:{port}  (store {uri}){empty}"
+
+
 def main() -> None:
-    """``make mlflow-ui``: become ``mlflow server`` over the project's store (Ctrl-C stops it)."""
-    uri = default_tracking_uri()  # creates .mlflow/ for the default store
-    port = int(os.environ.get("MLFLOW_UI_PORT", DEFAULT_PORT))
-    cmd = mlflow_server_command(uri, port=port)
-    print(f"MLflow UI: http://{DEFAULT_HOST}:{port}  (store {uri})", flush=True)
+    """``make mlflow-ui``: become ``mlflow server`` over the project's store (Ctrl-C stops it).
+
+    A reason it cannot serve is one ``error:`` line on stderr and exit code 2.
+    """
+    try:
+        cmd, note = ui_command()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    print(note, flush=True)
     os.execve(cmd[0], cmd, server_env())
 
 

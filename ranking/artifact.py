@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,19 +91,33 @@ def load_artifact(path: str | Path) -> tuple[RankingModel, ModelConfig, FittedTr
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise ValueError(f"not an inference artifact: {str(path)!r} lacks {missing}")
-    meta = json.loads((path / "metadata.json").read_text())
+    meta = _read_json(path / "metadata.json")
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"unsupported artifact format {meta.get('format')!r} in {str(path)!r}")
-    config = ModelConfig.from_dict(json.loads((path / "model_config.json").read_text()))
+    config = ModelConfig.from_dict(_read_json(path / "model_config.json"))
     fitted = FittedTransform.load(path / "transform.json")
     model = build_model(config)
-    state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated or overwritten file
+        raise ValueError(f"weights file {str(path / 'weights.pt')!r} is truncated or corrupt: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"weights in {str(path)!r} do not match model_config.json: {e}") from None
     model.eval()
     return model, config, fitted, meta
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 _TABLE = re.compile(r"(?:^|\.)t_(?P<feature>[A-Za-z0-9_]+)\.weight$")
