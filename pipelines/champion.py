@@ -77,8 +77,20 @@ class GateCheck:
         return asdict(self)
 
 
-def _metric_for(task_type: str, gates: GateConfig) -> str:
+def gate_metric(task_type: str, gates: GateConfig) -> str:
+    """The holdout metric the gates compare for a task of ``task_type`` (e.g. ``auc``, ``r2``)."""
     return gates.binary_metric if task_type == "binary" else gates.regression_metric
+
+
+def key_metrics(task_types: dict[str, str], gates: GateConfig) -> list[str]:
+    """``holdout/<task>/<gate metric>`` for every task, the primary task first: what a run list shows.
+
+    Example:
+        >>> key_metrics({"click": "binary", "watch": "regression", "like": "binary"}, GateConfig(primary="like"))
+        ['holdout/like/auc', 'holdout/click/auc', 'holdout/watch/r2']
+    """
+    order = sorted(task_types, key=lambda t: t != gates.primary)  # stable: the spec's order after the primary
+    return [f"{PREFIX}/{t}/{gate_metric(task_types[t], gates)}" for t in order]
 
 
 def check_gates(
@@ -102,13 +114,13 @@ def check_gates(
     if champion is None:
         return [GateCheck("no_champion", "*", "-", math.nan, None, None, 0.0, True)]
     checks = []
-    metric = _metric_for(task_types[gates.primary], gates)
+    metric = gate_metric(task_types[gates.primary], gates)
     key = f"{PREFIX}/{gates.primary}/{metric}"
     ch, cp = challenger.get(key, math.nan), champion.get(key, math.nan)
     need = cp + gates.primary_min_gain
     checks.append(GateCheck("primary", gates.primary, metric, ch, cp, need, ch - need, ch >= need))
     for task, kind in task_types.items():
-        metric = _metric_for(kind, gates)
+        metric = gate_metric(kind, gates)
         key = f"{PREFIX}/{task}/{metric}"
         ch, cp = challenger.get(key, math.nan), champion.get(key, math.nan)
         need = cp - gates.max_drop

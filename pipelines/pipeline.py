@@ -10,9 +10,12 @@ ingest → validate → features → train → evaluate → register → promote
 - **One at a time.** An OS file lock per pipeline (released by the kernel if the holder dies).
 - **No half promotion.** The alias moves in one registry call, after the version and its tags
   exist, and only when every gate passes.
-- **MLflow.** One parent run per pipeline run and a child run per step (``mlflow.parentRunId``);
-  tags on the parent: data windows, fitted-transform hash, code version, config hash, status and
-  decision.
+- **MLflow.** One parent run per pipeline run (named ``<pipeline> as-of <day>``) and a child run
+  per step (``mlflow.parentRunId``); tags on the parent: data windows, fitted-transform hash, code
+  version, config hash, status, decision and registered version; its metrics are each task's
+  holdout gate metric, so the runs list reads at a glance (a saved view of the experiment,
+  ``pipeline-<name>``, selects those columns); its dataset inputs are the train, validation and
+  holdout data. A run that fails ends FAILED with its error in a tag; a resumed run drops the tag.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -31,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import polars as pl
 import yaml
@@ -41,13 +46,26 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from features.spec import FeatureSpec, load_spec
 from features.validate import REASON, with_reason
-from pipelines import lake
-from pipelines.champion import GateCheck, HoldoutScore, check_gates, score_holdout
+from pipelines import lake, quiet, ui
+from pipelines.champion import GateCheck, HoldoutScore, check_gates, key_metrics, score_holdout
 from pipelines.config import PipelineConfig
 from pipelines.lock import RunLock
 from pipelines.plots import roc_and_calibration
 from pipelines.report import decision_text, render
-from pipelines.tracking import check_reachable, default_tracking_uri, ensure_experiment, register_artifact
+from pipelines.tracking import (
+    RUN_NAME_COLUMN,
+    ParquetSplit,
+    check_reachable,
+    close_failed,
+    default_tracking_uri,
+    ensure_experiment,
+    feature_splits,
+    log_datasets,
+    register_artifact,
+    reopen,
+    runs_page,
+    save_runs_view,
+)
 
 log = logging.getLogger("pipelines.pipeline")
 STEPS = ("ingest", "validate", "features", "train", "evaluate", "register", "promote", "report")
@@ -67,6 +85,7 @@ class PipelineResult:
     report: Path | None = None
     resumed_from: str | None = None  # first step this call ran when it continued an interrupted run
     checks: list[GateCheck] = field(default_factory=list)
+    runs_url: str | None = None  # the experiment's runs list in the MLflow UI, decision and metric columns shown
 
 
 class RunState:
@@ -147,10 +166,25 @@ class Pipeline:
     def _base_tags(self) -> dict[str, str]:
         return {f"{TAG}name": self.cfg.name, f"{TAG}as_of": self.as_of.isoformat(), f"{TAG}run_key": self.key}
 
+    @property
+    def view(self) -> str:
+        """The key of the experiment's saved runs-list view for this pipeline."""
+        return "pipeline-" + re.sub(r"[^\w.-]", "-", self.cfg.name)
+
+    def save_view(self) -> None:
+        """The runs list with this pipeline's columns: decision, version, each task's holdout gate metric."""
+        tasks: dict[str, str] = {t.name: t.type for t in self.spec.tasks}
+        metrics = [f"metrics.`{k}`" for k in key_metrics(tasks, self.cfg.gates)]
+        tags = [f"tags.`{TAG}decision`", f"tags.`{TAG}version`"]
+        widths = {RUN_NAME_COLUMN: 220, **dict.fromkeys(tags, 130), **dict.fromkeys(metrics, 150)}
+        save_runs_view(self.client, self.experiment_id, self.view, f"pipeline {self.cfg.name}: decisions",
+                       [*tags, *metrics], widths)
+
     def open_parent(self, windows: lake.Windows) -> str:
+        self.save_view()
         parent = self.state.data.get("parent_run_id")
         if parent:
-            self.client.update_run(parent, status="RUNNING")
+            reopen(self.client, str(parent), tag=f"{TAG}error")  # the failed attempt's error is history
             self.client.set_tag(parent, f"{TAG}status", "running")
             return str(parent)
         version = code_version()
@@ -164,10 +198,14 @@ class Pipeline:
         }
         run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name} as-of {self.as_of}", tags=tags)
         run_id = run.info.run_id
-        flat = _flatten(self.cfg.to_dict())
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
-        if self.cfg.path is not None:
-            self.client.log_artifact(run_id, str(self.cfg.path), artifact_path="config")
+        try:
+            flat = _flatten(self.cfg.to_dict())
+            self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+            if self.cfg.path is not None:
+                self.client.log_artifact(run_id, str(self.cfg.path), artifact_path="config")
+        except BaseException as e:  # failed at start: closed, never left RUNNING
+            close_failed(self.client, run_id, e, tag=f"{TAG}error", tags={f"{TAG}status": "failed"})
+            raise
         self.state.set(parent_run_id=run_id, as_of=self.as_of.isoformat(), windows=windows.to_dict(),
                        code_version=version, started=datetime.now(UTC).isoformat(timespec="seconds"))
         return run_id
@@ -180,8 +218,8 @@ class Pipeline:
         run_id = run.info.run_id
         try:
             yield run_id
-        except BaseException:
-            self.client.set_terminated(run_id, "FAILED")
+        except BaseException as e:
+            close_failed(self.client, run_id, e)
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
@@ -256,6 +294,7 @@ class Pipeline:
                 self.client.log_artifact(run_id, str(out / name))
             self.log_metrics(run_id, {f"rows/{k}": v for k, v in summary.rows.items()})
             self.client.set_tag(parent, f"{TAG}transform_hash", summary.transform_hash)
+            log_datasets(self.client, parent, feature_splits(out, self.spec.name, summary.transform_hash))
         log.info("features: rows %s, transform %s", summary.rows, summary.transform_hash)
         self.state.mark("features", run_id=run_id, rows=summary.rows, transform_hash=summary.transform_hash)
 
@@ -281,6 +320,7 @@ class Pipeline:
         source = self.client.get_model_version_download_uri(self.cfg.model_name, mv.version)
         got_path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=self.uri)
         path = find_artifact(Path(got_path), f"models:/{self.cfg.model_name}/{mv.version}")
+        log.info("champion: %s version %s, fetched to %s", self.cfg.model_name, mv.version, path)
         self.state.set(champion={"version": str(mv.version), "path": str(path)})
         return str(mv.version), path
 
@@ -289,7 +329,6 @@ class Pipeline:
 
         out = self.run_dir / "train"
         fields_, model = _train_fields(self.cfg)
-        fields_.setdefault("progress_bar", False)
         champion = self.champion()
         stale = out / "mlflow_run_id"
         if distributed_rank() == 0 and stale.is_file() and not (out / "checkpoints" / "last.ckpt").is_file():
@@ -323,7 +362,13 @@ class Pipeline:
                 self.log_metrics(run_id, {f"champion/{k}": v for k, v in champ.metrics.items()})
             margins = {f"gate/{c.name}/{c.task}/margin": c.margin for c in checks if c.champion is not None}
             self.log_metrics(run_id, margins)
-            self.log_metrics(parent, chal.metrics)
+            # The parent shows each task's gate metric, rounded for reading in the runs list; the full
+            # set, unrounded, is on this run (challenger/..., champion/...).
+            self.log_metrics(parent, {k: round(chal.metrics[k], 4) for k in key_metrics(chal.task_types, self.cfg.gates)
+                                      if k in chal.metrics})
+            holdout = ParquetSplit(files, f"{self.spec.name}-holdout", self.lake, salt=windows.span("holdout"))
+            log_datasets(self.client, run_id, {"holdout": holdout})
+            log_datasets(self.client, parent, {"holdout": holdout})
             self.client.log_dict(run_id, {"checks": [c.to_dict() for c in checks]}, "gates.json")
             for task, kind in chal.task_types.items():
                 if kind != "binary":
@@ -454,6 +499,30 @@ def _recorded_done(client: MlflowClient, run_id: object) -> bool:
     return run.data.tags.get(f"{TAG}status") == "done"
 
 
+def _close_abandoned(client: MlflowClient, experiment_id: str, state: RunState) -> None:
+    """An unfinished earlier attempt (killed, then replaced with ``--force``): its runs still RUNNING end KILLED."""
+    parent = state.data.get("parent_run_id")
+    if not isinstance(parent, str) or not parent or state.status == "done":
+        return
+    try:
+        runs = [client.get_run(parent), *client.search_runs([experiment_id],
+                                                            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")]
+    except MlflowException:
+        return  # a run the store does not know (another store) is nothing to close
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, f"{TAG}status", "abandoned")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def runs_url(uri: str, experiment_id: str, view: str) -> str:
+    """Where the runs list is: the tracking server's own UI, or ``make mlflow-ui``'s for a local store."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return uri.rstrip("/") + runs_page(experiment_id, view)
+    port = os.environ.get("MLFLOW_UI_PORT", str(ui.DEFAULT_PORT))
+    return f"http://{ui.DEFAULT_HOST}:{port}{runs_page(experiment_id, view)}"
+
+
 def distributed_rank() -> int:
     """This process's global rank when a launcher started it (Lightning's DDP launcher, torchrun, SLURM), else 0."""
     for var in ("RANK", "SLURM_PROCID"):
@@ -471,6 +540,7 @@ def _join_training(cfg: PipelineConfig, as_of: date | None, timeout_s: float = 3
     Rank 0 runs every other step (and holds the lock); the other ranks only take part in the
     training step, reading the run's state from the shared work folder.
     """
+    quiet.install()
     runs = cfg.workdir / "runs"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -503,6 +573,7 @@ def run_pipeline(cfg: PipelineConfig, as_of: date | None = None, force: bool = F
             too many quarantined rows.
         pipelines.lock.PipelineBusy: the same pipeline runs in another process.
     """
+    quiet.install()
     if distributed_rank() != 0:
         return _join_training(cfg, as_of)
     uri = check_reachable(cfg.tracking_uri or default_tracking_uri())
@@ -536,13 +607,14 @@ def run_pipeline(cfg: PipelineConfig, as_of: date | None = None, force: bool = F
         elif (elsewhere := _done_in_mlflow(client, cfg.experiment, cfg.name, as_of)) and not done_here:
             log.info("%s is done in another work folder (MLflow run %s); running it here", as_of, elsewhere)
         if (force or previous.status == "done") and run_dir.exists():
+            _close_abandoned(client, ensure_experiment(uri, cfg.experiment), previous)
             archived = run_dir.with_name(f"{run_dir.name}.{datetime.now(UTC):%Y%m%dT%H%M%S}")
             run_dir.rename(archived)
             log.info("previous state of %s moved to %s", as_of, archived)
         windows = lake.cut_windows(available, as_of, cfg)
         p = Pipeline(cfg, uri, spec, as_of, run_dir)
         resumed = next((s for s in STEPS if not p.state.done(s)), None) if p.state.data["steps"] else None
-        parent = p.open_parent(windows)
+        parent = p.open_parent(windows)  # a failure in there closes the run it made
         if resumed:
             log.info("resuming %s at step %s", p.key, resumed)
         try:
@@ -556,25 +628,27 @@ def run_pipeline(cfg: PipelineConfig, as_of: date | None = None, force: bool = F
                 "promote": lambda: p.promote(parent),
                 "report": lambda: p.report(parent, windows),
             }
-            for step in STEPS:
+            for i, step in enumerate(STEPS, 1):
                 if not p.state.done(step):
+                    log.info("step %d/%d: %s", i, len(STEPS), step)
                     steps[step]()
         except BaseException as e:
-            p.client.set_tag(parent, f"{TAG}status", "failed")
-            p.client.set_tag(parent, f"{TAG}error", f"{type(e).__name__}: {e}"[:5000])
-            p.client.set_terminated(parent, "FAILED")
             p.state.set(status="failed", error=f"{type(e).__name__}: {e}")
+            close_failed(p.client, parent, e, tag=f"{TAG}error", tags={f"{TAG}status": "failed"})
             raise
         p.client.set_tag(parent, f"{TAG}status", "done")
         p.client.set_terminated(parent, "FINISHED")
+        p.state.data.pop("error", None)  # an earlier attempt's; this one succeeded
         p.state.set(status="done", finished=datetime.now(UTC).isoformat(timespec="seconds"))
         promoted = p.state.out("promote")["promoted"]
         version = p.state.out("register")["version"]
         checks = [GateCheck(**c) for c in p.state.out("evaluate")["checks"]]
         ev = p.state.out("evaluate")
         msg = decision_text(checks, promoted, version, ev["champion_version"]).replace("**", "")
+        url = runs_url(uri, p.experiment_id, p.view)
+        log.info("MLflow runs list: %s", url)
         return PipelineResult("done", msg, as_of, parent, version, promoted, Path(p.state.out("report")["path"]),
-                              resumed, checks)
+                              resumed, checks, url)
 
 
 def dump_config(cfg: PipelineConfig) -> str:

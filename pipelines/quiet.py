@@ -100,8 +100,7 @@ def install() -> None:
     for name, text in TORCH_NOTICES.items():
         _add_once(logging.getLogger(name), _DropMessages((text,), anywhere=True))
     _add_once(logging.getLogger(), _DropMessages(ROOT_NOTICES))
-    for name in MLFLOW_QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_store()
     os.environ.setdefault(ARTIFACT_BAR_ENV, "false")  # a user who set it keeps their choice
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -109,3 +108,8 @@ def install() -> None:
             logger.handlers.clear()
             logger.propagate = True
 
+
+def quiet_store() -> None:
+    """Only MLflow's announcements of a new store's tables: for code that opens a store before :func:`install`."""
+    for name in MLFLOW_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

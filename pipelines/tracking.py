@@ -30,6 +30,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from pipelines import quiet
+
 log = logging.getLogger("pipelines.tracking")
 DEFAULT_DIR = ".mlflow"
 # The experiment tag the MLflow 3 UI reads for an experiment's type ("Machine learning" rather than
@@ -249,6 +251,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> str:
     import requests
 
     uri = check_tracking_uri(uri)
+    quiet.quiet_store()  # opening a new sqlite store otherwise announces its tables in two INFO lines
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from pipelines.champion import check_gates
 from pipelines.config import GateConfig, bundled_config, load_pipeline_config
 from pipelines.lock import PipelineBusy, RunLock
 from pipelines.pipeline import Pipeline, run_pipeline
+from pipelines.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, SAVED_VIEW_TAG
 from tests.pipelines.conftest import DAY7, DAY8, Nights, write_config
 
 RANKER = str(Path(sys.executable).parent / "ranker")
@@ -95,6 +98,39 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_step_and_the_artifacts(night
     assert len(client.get_metric_history(train, "val/click/auc")) == 1  # one point per epoch (1 epoch)
 
 
+def _contexts(run) -> dict[str, str]:
+    """``{context: dataset name}`` of a run's dataset inputs."""
+    return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset.name
+            for i in run.inputs.dataset_inputs}
+
+
+def test_the_parent_run_carries_what_the_runs_list_shows(nights: Nights) -> None:
+    """Each task's holdout gate metric (rounded), the decision, the version and the data, on the parent."""
+    client = MlflowClient(nights.tracking_uri, nights.tracking_uri)
+    parent = client.get_run(nights.second.parent_run_id or "")
+    assert parent.info.run_name == "nightly as-of 2026-01-08"
+    assert set(parent.data.metrics) == {"holdout/click/auc", "holdout/like/auc", "holdout/dismiss/auc",
+                                        "holdout/watch_time/r2"}
+    [ev] = [r for r in _children(client, parent.info.run_id) if r.info.run_name == "evaluate"]
+    for key, value in parent.data.metrics.items():
+        assert value == round(ev.data.metrics[f"challenger/{key}"], 4), key
+    assert (parent.data.tags["pipeline.decision"], parent.data.tags["pipeline.version"]) == ("rejected", "2")
+    assert _contexts(parent) == {"train": "synthetic-train", "val": "synthetic-val", "holdout": "synthetic-holdout"}
+    assert _contexts(ev) == {"holdout": "synthetic-holdout"}
+    [train] = [r for r in _children(client, parent.info.run_id) if r.info.run_name == "train"]
+    assert _contexts(train) == {"train": "synthetic-train", "val": "synthetic-val"}
+
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    view = json.loads(exp.tags[SAVED_VIEW_TAG + "pipeline-nightly"])
+    assert view["name"] == "pipeline nightly: decisions"
+    assert json.loads(view["state"])["selectedColumns"] == [
+        "tags.`pipeline.decision`", "tags.`pipeline.version`", "metrics.`holdout/click/auc`",
+        "metrics.`holdout/watch_time/r2`", "metrics.`holdout/like/auc`", "metrics.`holdout/dismiss/auc`"]
+    assert nights.second.runs_url == (f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+                                      "?viewStateShareKey=pipeline-nightly&workflowType=machine_learning")
+
+
 def test_a_day_already_done_is_a_noop_and_no_new_data_says_so(nights: Nights) -> None:
     before = _versions(nights.tracking_uri)
     again = run_pipeline(nights.lenient, as_of=DAY7)
@@ -134,12 +170,87 @@ def test_gates_pass_promotes_and_an_interrupted_promotion_resumes(tmp_path: Path
     client = MlflowClient(uri, uri)
     assert _versions(uri) == [1, 2]
     assert str(client.get_model_version_by_alias("ranker", "champion").version) == "1"  # nothing half-promoted
+    failed = client.get_run(run_id := _state(cfg, DAY8)["parent_run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["pipeline.status"] == "failed"
+    assert failed.data.tags["pipeline.error"] == "RuntimeError: power cut between register and promote"
     monkeypatch.undo()
     done = run_pipeline(cfg, as_of=DAY8)
     assert done.resumed_from == "promote" and done.promoted and done.version == "2"
+    resumed = client.get_run(run_id)  # the same parent run, finished, without the earlier attempt's error
+    assert done.parent_run_id == run_id and resumed.info.status == "FINISHED"
+    assert "pipeline.error" not in resumed.data.tags and "error" not in _state(cfg, DAY8)
     assert _versions(uri) == [1, 2]  # resumed: the same version, not a new one
     assert str(client.get_model_version_by_alias("ranker", "champion").version) == "2"
     assert "passed all" in done.report.read_text() and "warm start: True" in done.report.read_text()
+
+
+def _state(cfg, day: date) -> dict:
+    return json.loads((cfg.workdir / "runs" / day.isoformat() / "state.json").read_text())
+
+
+def test_a_failed_start_is_closed_and_force_closes_an_abandoned_run(tmp_path: Path, monkeypatch) -> None:
+    import pipelines.pipeline as pipeline_module
+
+    cfg = load_pipeline_config(write_config(tmp_path))
+    client = MlflowClient(str(cfg.tracking_uri), str(cfg.tracking_uri))
+
+    def refused(*args: object) -> dict:
+        raise ConnectionError("the store refused the params")
+
+    monkeypatch.setattr(pipeline_module, "_flatten", refused)  # right after the parent run is created
+    with pytest.raises(ConnectionError):
+        run_pipeline(cfg, as_of=DAY7)
+    [started] = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert started.info.status == "FAILED" and started.data.tags["pipeline.status"] == "failed"
+    assert started.data.tags["pipeline.error"] == "ConnectionError: the store refused the params"
+    monkeypatch.undo()
+
+    def power_cut(self: Pipeline, parent: str, windows: object) -> None:
+        with self.child(parent, "validate"):
+            raise RuntimeError("power cut")
+
+    # as after kill -9 in the validate step: nothing got to close the parent or the step's run
+    monkeypatch.setattr(Pipeline, "validate", power_cut)
+    monkeypatch.setattr(pipeline_module, "close_failed", lambda *args, **kwargs: None)
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg, as_of=DAY7)
+    abandoned = _state(cfg, DAY7)["parent_run_id"]
+    assert client.get_run(abandoned).info.status == "RUNNING"
+    monkeypatch.undo()
+    monkeypatch.setattr(Pipeline, "validate", power_cut)
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg, as_of=DAY7, force=True)  # a fresh start: the abandoned attempt is closed
+    closed = {r.info.run_name: r for r in [client.get_run(abandoned), *_children(client, abandoned)]}
+    assert {name: r.info.status for name, r in closed.items()} == {
+        "nightly as-of 2026-01-07": "KILLED", "ingest": "FINISHED", "validate": "KILLED"}
+    assert closed["validate"].data.tags["pipeline.status"] == "abandoned"
+    assert client.get_run(_state(cfg, DAY7)["parent_run_id"]).info.status == "FAILED"
+
+
+def test_the_terminal_shows_steps_and_epochs_not_framework_banners(tmp_path: Path) -> None:
+    """Two nights through the real CLI on a fresh store: the second one downloads the champion."""
+    config = write_config(tmp_path)
+    lines: list[str] = []
+    for day in ("2026-01-07", "2026-01-08"):
+        r = subprocess.run([RANKER, "pipeline", "run", "--config", str(config), "--as-of", day],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        night = r.stderr.splitlines()
+        messages = [ln.split(" ", 2)[-1] for ln in night]  # without the timestamp
+        assert len(messages) == len(set(messages)), f"a line printed twice:\n{r.stderr}"
+        lines += night
+    text = "\n".join(lines)
+    for noise in ("GPU available", "TPU available", "💡", "litlogger", "Creating initial MLflow database tables",
+                  "Updating database tables", "LeafSpec", "is_fx_tracing", "transfer_batch_to_device",
+                  "logging interval", "Downloading artifacts", "Successfully loaded", "max_epochs=1` reached"):
+        assert noise not in text, noise
+    assert not [ln for ln in lines if "Warning" in ln or "warn(" in ln], text
+    assert sum("step 4/8: train" in ln for ln in lines) == 2
+    assert sum(bool(re.search(r"pipelines.train: epoch 1/1: \d+ steps, [\d,]+ rows in .* rows/s", ln))
+               for ln in lines) == 2
+    assert sum("pipelines.train: training mmoe on" in ln for ln in lines) == 2  # in place of the device banner
+    assert any("champion: ranker version 1, fetched to" in ln for ln in lines)
+    assert sum("MLflow runs list: http://" in ln for ln in lines) == 2
 
 
 def test_kill_9_during_training_then_the_same_command_resumes(tmp_path: Path) -> None:
