@@ -28,8 +28,11 @@ width; ``_r`` / ``_i`` mark request-side and item-side parts.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -176,6 +179,17 @@ class MMoEHead(nn.Module):
         return mixed.squeeze(-1)  # (T, N)
 
 
+class _Scores(nn.Module):
+    """:meth:`FusedScorer.scores` as a module's forward, for ``torch.export``."""
+
+    def __init__(self, scorer: FusedScorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.scorer.scores(*inputs)
+
+
 class FusedScorer(nn.Module):
     """The artifact's network for serving; see the module docstring.
 
@@ -236,20 +250,52 @@ class FusedScorer(nn.Module):
     @torch.inference_mode()
     def score(self, batch: EncodedBatch) -> torch.Tensor:
         """Encoded requests -> (T, N) scores: probabilities (binary tasks) or predictions."""
-        run = self._compiled if self._compiled is not None else self
-        logits = run(*self.inputs(batch))
+        inputs = self.inputs(batch)
+        if self._compiled is not None:
+            return self._compiled(*inputs)  # the package computes the scores, sigmoid included
+        return self.scores(*inputs)
+
+    def scores(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The tensors of :meth:`inputs` -> (T, N) scores: what :meth:`compile` exports."""
+        logits = self(*inputs)
         return torch.where(self.binary, torch.sigmoid(logits), logits)
 
-    def compile(self) -> None:  # type: ignore[override]
-        """Run the forward through ``torch.compile`` (Inductor, dynamic shapes) from now on.
+    def compile(self, example: EncodedBatch, package: Path) -> None:  # type: ignore[override]
+        """Score through an AOTInductor package from now on: the network compiled ahead of time.
 
-        The first calls compile (tens of seconds on a small CPU: do it at load time, with
-        :meth:`uncompile` as the fallback if that fails or disagrees with eager).
+        Exports :meth:`scores` with every batch dimension dynamic (requests, candidates, list
+        entries), compiles it to ``package`` with AOTInductor unless that file exists (so several
+        processes and restarts compile once; the caller names the file after what it depends on),
+        and loads it. A compiled call runs one C++ function instead of some forty eager operators:
+        on the 2-core box a one-candidate forward of the default model takes about 0.11 ms instead
+        of 0.25 ms. Takes 15-50 s without the file; needs a C++ compiler. Check the result against
+        eager (:meth:`uncompile` is the fallback).
+
+        Args:
+            example: a batch of at least two requests, each with at least two candidates and list
+                entries, so that no dimension is specialised to 0 or 1.
+            package: the ``.pt2`` file to write or reuse.
         """
-        self._compiled = torch.compile(self.forward, dynamic=True)
+        from torch._inductor import aoti_compile_and_package, aoti_load_package  # Inductor loads slowly: on use
+
+        if not package.is_file():
+            args = self.inputs(example)
+            dims = tuple({0: torch.export.Dim.DYNAMIC} if a.dim() == 1 or a.shape[1] > 0 else {} for a in args)
+            tmp = package.with_name(f"{package.stem}.{os.getpid()}.tmp.pt2")  # AOTInductor wants .pt2
+            with torch.inference_mode(), warnings.catch_warnings():
+                # torch pickles its own pytree specs with a check it deprecated itself (torch 2.13)
+                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+                program = torch.export.export(_Scores(self), args, dynamic_shapes=(dims,))
+                aoti_compile_and_package(program, package_path=str(tmp))
+            os.replace(tmp, package)
+        self._compiled = aoti_load_package(str(package))
 
     def uncompile(self) -> None:
         self._compiled = None
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     def inputs(self, batch: EncodedBatch) -> tuple[torch.Tensor, ...]:
         """EncodedBatch (numpy) -> the forward's tensors, without copies where numpy allows."""

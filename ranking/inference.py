@@ -17,7 +17,11 @@ a weighted sum ``sum_t w_t * sign_t * score_t`` with ``sign_t = -1`` for tasks w
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +30,15 @@ import numpy as np
 import polars as pl
 import torch
 
+import features.plan as plan_module
+import ranking.fused as fused_module
 from features.plan import ServingPlan
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 from ranking.fused import FusedScorer
 
 log = logging.getLogger("ranking")
+COMPILE_CACHE = "~/.cache/mmoe-ranker/compiled"  # compiled serving networks, one file per artifact and code
 
 
 class InferenceModel:
@@ -61,33 +68,61 @@ class InferenceModel:
     def load(cls, path: str | Path, compile: bool = False) -> InferenceModel:
         return cls(path, compile)
 
-    def compile(self) -> bool:
-        """Compile the serving network with ``torch.compile``; eager stays the fallback.
+    def compile(self, cache_dir: str | Path | None = None) -> bool:
+        """Compile the serving network ahead of time (AOTInductor); eager stays the fallback.
 
-        Compiles for one and for several candidates and requests (Inductor specialises size 1) on
-        requests made from the model's own vocabularies, and keeps the compiled graph only if it
-        ran and matches eager to 1e-5 on them; else logs why and stays eager.
+        The package is cached in ``cache_dir`` (default: ``$RANKER_COMPILE_CACHE``, else
+        ``~/.cache/mmoe-ranker/compiled``) under a name made of the artifact's files, the serving
+        network's code and the torch version, so processes serving the same artifact (``--workers``)
+        and later restarts compile once: one compiles under a file lock, the others wait and load it.
+        The compiled network is kept only if it runs and matches eager to 1e-5 on requests made from
+        the model's own vocabularies (one and several requests and candidates, empty lists); else
+        this logs why and stays eager.
 
         Returns:
-            whether the compiled graph is now in use.
+            whether the compiled network is now in use.
         """
-        probes = [self.plan.encode([_probe(self.fitted, n)] * r) for n, r in ((1, 1), (3, 2), (5, 3))]
+        shapes = ((1, 1), (3, 2), (5, 3))
+        probes = [self.plan.encode([_probe(self.fitted, n)] * r) for n, r in shapes] + [self._empty_lists_probe()]
         try:
-            self.scorer.compile()
-            for batch in probes:
-                got = self.scorer.score(batch)
-                self.scorer.uncompile()
-                want = self.scorer.score(batch)
-                self.scorer.compile()
-                if not torch.allclose(got, want, atol=1e-5, rtol=0):
-                    raise ValueError(f"compiled scores differ from eager by {(got - want).abs().max().item():.3g}")
+            folder = Path(cache_dir or os.environ.get("RANKER_COMPILE_CACHE") or COMPILE_CACHE).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            package = folder / f"{self._compile_key()}.pt2"
+            example = self.plan.encode([_probe(self.fitted, 3)] * 2)
+            with open(folder / f"{package.stem}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self.scorer.compile(example, package)
+            got = [self.scorer.score(batch) for batch in probes]
+            self.scorer.uncompile()
+            want = [self.scorer.score(batch) for batch in probes]
+            for g, w, batch in zip(got, want, probes, strict=True):
+                if g.shape != w.shape or not torch.allclose(g, w, atol=1e-5, rtol=0):
+                    raise ValueError(f"compiled scores differ from eager on {batch.sizes.tolist()} candidates")
+            self.scorer.compile(example, package)
         except Exception as e:  # no C++ compiler, an unsupported op, a mismatch: eager it is
             self.scorer.uncompile()
-            log.warning("torch.compile of %s failed, serving eager: %s: %s", self.path, type(e).__name__, e)
+            log.warning("compiling %s failed, serving eager: %s: %s", self.path, type(e).__name__, e)
             self.compiled = False
             return False
+        log.info("compiled %s (%s)", self.path, package.name)
         self.compiled = True
         return True
+
+    def _compile_key(self) -> str:
+        """What a compiled package depends on: the artifact's files, the serving code, torch, the machine."""
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(self.path).as_posix().encode())
+            h.update(f.read_bytes())
+        for module in (fused_module, plan_module):
+            h.update(Path(module.__file__ or "").read_bytes())
+        h.update(f"{torch.__version__} {platform.machine()} {platform.python_version()}".encode())
+        return h.hexdigest()[:32]
+
+    def _empty_lists_probe(self) -> Any:
+        user, context, candidates = _probe(self.fitted, 2)
+        lists = [c for c in candidates if self.fitted.raw_types[c].startswith("list")]
+        return self.plan.encode([(user, context, {**candidates, **{c: [[], []] for c in lists}})])
 
     @property
     def spec(self) -> Any:

@@ -1,4 +1,5 @@
-"""InferenceModel(compile=True): the compiled serving network equals eager; a failed compile serves eager."""
+"""InferenceModel(compile=True): the AOTInductor-compiled serving network equals eager, is compiled once per
+artifact and code (a cached package), and a failed compile or a broken package serves eager."""
 
 from __future__ import annotations
 
@@ -28,24 +29,68 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_artifact(build_model(cfg), cfg, fitted, tmp_path_factory.mktemp("compile") / "artifact")
 
 
-def test_compiled_scores_equal_eager(artifact: Path) -> None:
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RANKER_COMPILE_CACHE", str(tmp_path / "compiled"))
+    return tmp_path / "compiled"
+
+
+def test_compiled_scores_equal_eager(artifact: Path, cache: Path) -> None:
     eager = InferenceModel(artifact)
     compiled = InferenceModel(artifact, compile=True)
-    assert compiled.compiled and not eager.compiled
+    assert compiled.compiled and not eager.compiled and compiled.scorer.compiled
+    assert len(list(cache.glob("*.pt2"))) == 1
     requests = [_probe(eager.fitted, n) for n in (1, 7, 40)]
     for got, want in zip(compiled.score_requests(requests), eager.score_requests(requests), strict=True):
         for task in eager.tasks:
             np.testing.assert_allclose(got[task], want[task], atol=1e-5, rtol=0)
+    # the next load (another worker, a restart) reuses the package: no compiler is called
+    import torch._inductor
+
+    def no_compiler(*args: object, **kwargs: object) -> object:
+        raise AssertionError("compiled again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+        again = InferenceModel(artifact, compile=True)
+    assert again.compiled
+    one = [_probe(eager.fitted, 3)]
+    np.testing.assert_allclose(again.score_requests(one)[0][eager.tasks[0]],
+                               eager.score_requests(one)[0][eager.tasks[0]], atol=1e-5, rtol=0)
 
 
-def test_a_failed_compile_serves_eager(artifact: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_failed_compile_serves_eager(artifact: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
+    import torch._inductor
+
     def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     model = InferenceModel(artifact, compile=True)
-    assert not model.compiled
+    assert not model.compiled and not model.scorer.compiled
     assert "no C++ compiler" in caplog.text
     scores = model.score_request(*_probe(model.fitted, 3))
     assert scores[model.tasks[0]].shape == (3,)
+
+
+def test_a_broken_package_serves_eager(artifact: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = InferenceModel(artifact)
+    cache.mkdir(parents=True)
+    (cache / f"{model._compile_key()}.pt2").write_bytes(b"not a package")  # e.g. a disk filled up mid-write
+    assert not model.compile()
+    assert "serving eager" in caplog.text
+    assert model.score_request(*_probe(model.fitted, 2))[model.tasks[0]].shape == (2,)
+
+
+def test_the_package_name_follows_the_artifact(artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(artifact, other)
+    assert InferenceModel(other)._compile_key() == InferenceModel(artifact)._compile_key()  # same files
+    weights = next(p for p in other.rglob("*.pt") if p.is_file())
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    changed = InferenceModel.__new__(InferenceModel)  # weights that no longer load: only the key is asked for
+    changed.path = other
+    assert changed._compile_key() != InferenceModel(artifact)._compile_key()
