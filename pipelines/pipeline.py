@@ -176,7 +176,7 @@ class Pipeline:
         tasks: dict[str, str] = {t.name: t.type for t in self.spec.tasks}
         metrics = [f"metrics.`{k}`" for k in key_metrics(tasks, self.cfg.gates)]
         tags = [f"tags.`{TAG}decision`", f"tags.`{TAG}version`"]
-        widths = {RUN_NAME_COLUMN: 220, **dict.fromkeys(tags, 130), **dict.fromkeys(metrics, 150)}
+        widths = {RUN_NAME_COLUMN: 220, **dict.fromkeys(tags, 125), **dict.fromkeys(metrics, 160)}
         save_runs_view(self.client, self.experiment_id, self.view, f"pipeline {self.cfg.name}: decisions",
                        [*tags, *metrics], widths)
 

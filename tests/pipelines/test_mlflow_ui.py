@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 import subprocess
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -16,10 +20,13 @@ from mlflow import MlflowClient
 from pipelines import ui
 from pipelines.config import load_pipeline_config
 from pipelines.pipeline import run_pipeline
+from pipelines.tracking import runs_page
 from pipelines.ui import mlflow_server_command, running_mlflow_server
 from tests.pipelines.conftest import DAY7, Nights, write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WINDOW = "2100,720"  # wide enough that the grid renders every column (it leaves out those off screen)
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @dataclass(frozen=True)
@@ -98,16 +105,20 @@ def test_rest_api_serves_runs_metrics_artifacts_and_champion(server: str, tracke
     assert requests.get(f"{local}/health", timeout=30).status_code == 200
 
 
+def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+         f"--user-data-dir={profile}", "--virtual-time-budget=30000", f"--window-size={WINDOW}", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
 def _render(page: str, expect: str, profile: Path) -> str:
     """The page's DOM after headless chromium ran its scripts (twice at most: a loaded machine is slow)."""
-    assert CHROMIUM is not None
     dom, proc = "", None
     for attempt in range(2):
-        proc = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={profile / str(attempt)}", "--virtual-time-budget=30000", "--dump-dom", page],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
+        proc = _chromium(profile / str(attempt), "--dump-dom", page)
         dom = proc.stdout
         if expect in dom:
             break
@@ -125,6 +136,90 @@ def test_experiment_page_lists_the_run_in_a_headless_browser(
     exp = _get(server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=tracked_store.experiment_name)
     page = f"{server}/#/experiments/{exp['experiment']['experiment_id']}/runs"  # the experiment's runs table
     _render(page, tracked_store.run_name, tmp_path)
+
+
+class RunsTable(HTMLParser):
+    """The runs list's cells as the browser rendered them: ``cells[run id][column id]`` is the cell's text.
+
+    The grid marks each row with ``row-id`` (the run id) and each cell with ``col-id`` (the column id
+    a saved view names, e.g. ``tags.`pipeline.decision```).
+    """
+
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
+                      "wbr"})
+
+    def __init__(self, dom: str) -> None:
+        super().__init__()
+        self.cells: dict[str, dict[str, str]] = defaultdict(dict)
+        self.open: list[tuple[str, str | None, str | None]] = []  # (tag, row, column) of each open element
+        self.feed(dom)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.VOID:
+            return
+        a = dict(attrs)
+        row, col = self.open[-1][1:] if self.open else (None, None)
+        row = a.get("row-id") or row
+        self.open.append((tag, row, (a.get("col-id") or col) if row else None))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self.open and self.open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data: str) -> None:
+        if self.open and self.open[-1][1] and self.open[-1][2]:
+            _, row, col = self.open[-1]
+            assert row is not None and col is not None
+            self.cells[row][col] = self.cells[row].get(col, "") + data
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is no PNG"
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_runs_list_shows_run_names_decisions_and_the_primary_metric(
+    server: str, tracked_store: TrackedStore, nights: Nights, tmp_path: Path
+) -> None:
+    """The pipeline's saved view, as the link it logs opens it: each night's name, decision and holdout AUC.
+
+    Also writes the screenshot; with ``UPDATE_DOCS_SCREENSHOTS=1`` it becomes ``docs/mlflow-runs.png``.
+    """
+    client = MlflowClient(tracked_store.tracking_uri)
+    exp = client.get_experiment_by_name(tracked_store.experiment_name)
+    assert exp is not None
+    page = server + runs_page(exp.experiment_id, view="pipeline-nightly")
+    assert nights.second.runs_url is not None and nights.second.runs_url.endswith(runs_page(exp.experiment_id,
+                                                                                          "pipeline-nightly"))
+    table = RunsTable(_render(page, "rejected", tmp_path)).cells
+    for result, decision in ((nights.first, "promoted"), (nights.second, "rejected")):
+        run = client.get_run(result.parent_run_id or "")
+        row = table[run.info.run_id]
+        assert run.info.run_name in row["attributes.`Run Name`"], row
+        assert row["tags.`pipeline.decision`"] == decision and row["tags.`pipeline.version`"] == result.version
+        for task, metric in (("click", "auc"), ("like", "auc"), ("dismiss", "auc"), ("watch_time", "r2")):
+            key = f"holdout/{task}/{metric}"
+            assert float(row[f"metrics.`{key}`"]) == run.data.metrics[key], (key, row)
+
+    shot = tmp_path / "mlflow-runs.png"
+    proc = _chromium(tmp_path / "shot", f"--screenshot={shot}", page)
+    assert shot.is_file(), proc.stderr[-1000:]
+    assert _png_size(shot) == tuple(int(x) for x in WINDOW.split(","))
+    if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
+        shutil.copyfile(shot, DOCS / "mlflow-runs.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_the_experiment_opens_on_its_runs_in_the_model_training_layout(
+    server: str, tracked_store: TrackedStore, tmp_path: Path
+) -> None:
+    exp = _get(server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=tracked_store.experiment_name)
+    page = f"{server}/#/experiments/{exp['experiment']['experiment_id']}?workflowType=machine_learning"
+    dom = _render(page, tracked_store.run_name, tmp_path)  # lands on the runs table, not the GenAI overview
+    assert "Token Usage" not in dom
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")

@@ -261,3 +261,19 @@ def test_quiet_drops_the_known_banners_and_warnings_and_nothing_else(caplog: pyt
         logging.getLogger("torch.fx._symbolic_trace").warning("is_fx_tracing will return true for both ...")
         logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
     assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=10` reached."]
+
+
+def test_at_a_terminal_training_shows_a_bar_with_epoch_step_and_rows_per_second(
+    small_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train(TrainConfig(features=small_features, out=tmp_path / "run", tracking_uri=uri, epochs=1, batch_size=256,
+                      register_as=None, model_overrides=SMALL))
+    out, err = capsys.readouterr()
+    assert "Epoch 0" not in out  # the bar is on stderr, never mixed into a command's output
+    last = err.replace("\r", "\n").splitlines()
+    done = [ln for ln in last if ln.startswith("Epoch 0: 100%")]
+    assert done and re.search(r"\d+/\d+ \[.*rows/s=[\d,]+", done[-1]), err[-2000:]
