@@ -28,10 +28,11 @@ Knobs are named after Triton's dynamic batcher: ``max_batch_candidates`` (Triton
   batch has been measured;
 * batches run one at a time on a dedicated worker thread, so forwards never compete for cores;
   requests arriving meanwhile queue up and form the next batch. A lone request with nothing
-  queued behind it, whose fitted cost is at most ``INLINE_MAX_S`` (2 ms), runs on the event
-  loop's thread instead: at low load the hop to the worker and back costs more than it saves
-  (about 0.35 ms of a 2.3 ms one-candidate round trip on the 2-core test box), and under load
-  there is always a queue, so batches go to the worker and the loop stays free to refuse.
+  queued behind it and no other expected (arrivals stopped overlapping), whose fitted cost is
+  at most ``INLINE_MAX_S`` (2 ms), runs on the event loop's thread instead: then the hop to the
+  worker and back costs more than it saves (about 0.35 ms of a 2.3 ms one-candidate round trip
+  on the 2-core test box); where requests overlap, batches go to the worker and the loop stays
+  free to take in the next batch's requests (and, under load, to refuse).
 
 The batch function is the product's own (decode, score, build responses); the batcher only
 decides what runs together. Per-request failures reach only their own caller: the batch function
@@ -676,10 +677,12 @@ class DynamicBatcher(Generic[T, R]):
                 p.future.set_result(r)
 
     def _inline(self, batch: list[_Pending[T, R]], n_candidates: int) -> bool:
-        """Run this batch on the event loop's thread? Only a lone request with nothing queued behind
-        it whose fitted cost is at most :data:`INLINE_MAX_S`: the hop to the worker thread and back
-        (two wake-ups, on a cold core) costs more than the loop could do meanwhile."""
-        if len(batch) != 1 or self._queue:
+        """Run this batch on the event loop's thread? Only a lone request, with nothing queued behind
+        it and no other expected (arrivals do not overlap), whose fitted cost is at most
+        :data:`INLINE_MAX_S`: then the hop to the worker thread and back (two wake-ups, on a cold
+        core) costs more than the loop could do meanwhile. Where requests overlap, the loop must
+        stay free to take them in while the worker computes, or nothing would ever batch."""
+        if len(batch) != 1 or self._queue or self._overlap >= OVERLAP_MIN:
             return False
         costs = self._fit.costs
         return costs is not None and costs.seconds(1, n_candidates) <= INLINE_MAX_S
