@@ -138,7 +138,8 @@ def explain(e: BaseException) -> tuple[str, int]:
 
 
 # ---- SIGINT ---------------------------------------------------------------------------------
-_interrupted = threading.Event()
+_interrupted = threading.Event()  # SIGINT arrived while a command ran
+_settled = threading.Event()  # the boundary has reported it (or the command ended)
 _hint: Callable[[], str | None] | None = None
 
 
@@ -149,8 +150,25 @@ def on_interrupt(hint: Callable[[], str | None]) -> None:
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    _interrupted.set()
+    """Raise ``KeyboardInterrupt``, and keep raising it until it reaches the boundary.
+
+    Native code that polls for signals may drop the ``KeyboardInterrupt`` it gets (Polars' engine
+    does when the query finishes at the same moment), which would leave the command running; so the
+    first SIGINT starts a thread that sends SIGINT again every second until the boundary has it. A
+    repeat that finds the interrupt already being handled (cleanup in an ``except`` or ``finally``
+    block, e.g. a run being marked FAILED) returns and lets that cleanup finish.
+    """
+    if not _interrupted.is_set():
+        _interrupted.set()
+        threading.Thread(target=_redeliver, name="ranker-sigint", daemon=True).start()
+    elif isinstance(sys.exc_info()[1], KeyboardInterrupt | SystemExit):
+        return
     raise KeyboardInterrupt
+
+
+def _redeliver() -> None:
+    while not _settled.wait(1.0):
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def interrupt_line() -> str:
@@ -167,13 +185,15 @@ def boundary(echo: Callable[[str], None], exit_with: Callable[[int], BaseExcepti
              passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Run a command: what escapes it becomes one ``error:`` line (``echo``) and ``raise exit_with(code)``.
 
-    SIGINT is a ``KeyboardInterrupt`` as usual, but remembered: a library that turns it into
-    ``sys.exit(1)`` (Lightning's trainer does) still ends in exit code 130 and the interrupt line.
-    ``SystemExit`` and the exceptions of ``passthrough`` (the CLI framework's own exits) go through.
+    SIGINT is a ``KeyboardInterrupt`` as usual, but remembered (and re-sent until it gets here, see
+    :func:`_on_sigint`): a library that turns it into ``sys.exit(1)`` (Lightning's trainer does)
+    still ends in exit code 130 and the interrupt line. Other ``SystemExit``s and the exceptions of
+    ``passthrough`` (the CLI framework's own exits) go through.
     """
     global _hint
     _hint = None
     _interrupted.clear()
+    _settled.clear()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
@@ -181,11 +201,13 @@ def boundary(echo: Callable[[str], None], exit_with: Callable[[int], BaseExcepti
     except passthrough:
         raise
     except KeyboardInterrupt:
+        _settle()
         echo(f"error: {interrupt_line()}")
         raise exit_with(INTERRUPTED) from None
     except SystemExit:
         if not _interrupted.is_set():
             raise
+        _settle()
         echo(f"error: {interrupt_line()}")
         raise exit_with(INTERRUPTED) from None
     except Exception as e:
@@ -195,5 +217,14 @@ def boundary(echo: Callable[[str], None], exit_with: Callable[[int], BaseExcepti
         echo(f"error: {line}")
         raise exit_with(code) from None
     finally:
+        _settle()
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _settle() -> None:
+    """Stop re-sending SIGINT; a signal already on its way is handled here, by :func:`_on_sigint`."""
+    _settled.set()
+    for thread in threading.enumerate():
+        if thread.name == "ranker-sigint":
+            thread.join()
