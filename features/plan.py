@@ -193,6 +193,13 @@ class ServingPlan:
         self.dense = [
             DensePlan(d, "request" if d.raw in request else "item", fitted.numeric[d.name]) for d in spec.dense
         ]
+        # request-side vocabularies of int and str columns as dicts: R values of a batch are looked up
+        # one by one, cheaper than building arrays for a binary search when R is a handful of requests
+        self._scalar_ids: dict[str, dict[Any, int]] = {
+            p.feature.name: dict(zip(p.lookup.keys.tolist(), p.lookup.ids.tolist(), strict=True))
+            for p in self.sparse
+            if p.side == "request" and p.rule == "vocab" and p.kind in ("int", "str") and p.lookup is not None
+        }
         self.request_sparse = [p.feature.name for p in self.sparse if p.side == "request" and not p.feature.multi]
         self.item_sparse = [p.feature.name for p in self.sparse if p.side == "item" and not p.feature.multi]
         self.request_dense = [p.feature.name for p in self.dense if p.side == "request"]
@@ -232,15 +239,17 @@ class ServingPlan:
         if not requests:
             raise ValueError("encode needs at least one request")
         sizes = np.array([_n_candidates(cands, self.item_columns) for _, _, cands in requests], dtype=np.int64)
-        request_raw: dict[str, Col | Jagged] = {}
+        given: dict[str, list[Any]] = {}  # request column -> its R raw values
         for c in self.request_columns:
-            given = []
+            values = []
             for user, context, _ in requests:
                 src = user if c in user else context
                 if c not in src:
                     raise ValueError(f"missing user/context feature {c!r}")
-                given.append(src[c])
-            request_raw[c] = _normalise(c, self.raw_types[c], given)
+                values.append(src[c])
+            given[c] = values
+        # each column converted (and checked) when first read; those only dict-looked-up are checked there
+        request_raw = _LazyColumns(given, self.raw_types)
         item_raw: dict[str, Col | Jagged] = {}
         for c in self.item_columns:
             parts = []
@@ -266,6 +275,9 @@ class ServingPlan:
             f = p.feature
             if p.rule == "cross":
                 ids = p.lookup(_cross_keys([column(c, p.side) for c in f.cross], [self.raw_types[c] for c in f.cross]))  # type: ignore[misc,arg-type]
+            elif (table := self._scalar_ids.get(f.name)) is not None and (
+                    fast := _scalar_ids(table, p.kind, given[f.raw])) is not None:
+                ids = fast
             else:
                 raw = column(f.raw, p.side)
                 if isinstance(raw, Jagged):
@@ -323,6 +335,47 @@ class ServingPlan:
 
 
 # ------------------------------------------------------------------------------ raw columns
+_INT64 = (-(1 << 63), 1 << 63)
+
+
+def _scalar_ids(table: dict[Any, int], kind: str, values: list[Any]) -> np.ndarray | None:
+    """(R,) ids of one request-side column by dict lookup (nulls -> OOV); None when a value is not
+    a plain ``str`` (str columns) or an in-range ``int`` (int columns): the general path decides."""
+    out = []
+    for v in values:
+        if v is None:
+            out.append(OOV)
+        elif type(v) is str if kind == "str" else (type(v) is int and _INT64[0] <= v < _INT64[1]):
+            out.append(table.get(v, OOV))
+        else:
+            return None
+    return np.array(out, dtype=np.int64)
+
+
+class _LazyColumns(Mapping[str, "Col | Jagged"]):
+    """Request columns converted by :func:`_normalise` on first access; ``converted`` names those."""
+
+    def __init__(self, given: dict[str, list[Any]], raw_types: Mapping[str, str]) -> None:
+        self._given, self._types = given, raw_types
+        self.converted: dict[str, Col | Jagged] = {}
+
+    def __getitem__(self, name: str) -> Col | Jagged:
+        col = self.converted.get(name)
+        if col is None:
+            col = self.converted[name] = _normalise(name, self._types[name], self._given[name])
+        return col
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._given
+
+    def __iter__(self) -> Any:
+        return iter(self._given)
+
+    def __len__(self) -> int:
+        return len(self._given)
+
+
+
 def _n_candidates(cands: Mapping[str, Any], item_columns: list[str]) -> int:
     for c in item_columns:
         if c in cands:

@@ -340,6 +340,36 @@ def test_batched_requests_equal_each_alone(plan: ServingPlan, rows: dict[str, li
     np.testing.assert_array_equal(together.item_dense, np.concatenate([a.item_dense for a in alone]))
 
 
+def test_request_values_looked_up_by_dict_equal_the_array_path(plan: ServingPlan, rows: dict[str, list[Any]]) -> None:
+    """Request-side int and str vocabularies take a dict lookup; odd values give what the arrays give."""
+    import copy
+
+    arrays = copy.copy(plan)
+    arrays._scalar_ids = {}  # every request column through numpy arrays and the sorted lookup
+    assert {"uid", "uname", "device"} <= set(plan._scalar_ids)
+    base = one_request(rows, 0, 3)
+    odd: dict[str, list[Any]] = {
+        "uid": [np.int64(rows["uid"][1]), 2.0, True, 2**63, -(2**63), 2**64, "7", 1.5, None],
+        "uname": [*STRINGS, *UNSEEN_STRINGS, np.str_("a"), 3, b"a", None],
+        "device": ["ios", "", "\x00", 0.5, None],
+    }
+    for column, values in odd.items():
+        for value in values:
+            user, context, cands = base
+            if column in user:
+                request = ({**user, column: value}, context, cands)
+            else:
+                request = (user, {**context, column: value}, cands)
+            outcome = []
+            for p in (plan, arrays):
+                try:
+                    b = p.encode([request, base])
+                    outcome.append(("ids", {k: v.tolist() for k, v in b.request_ids.items()}))
+                except ValueError as e:
+                    outcome.append(("error", str(e)))
+            assert outcome[0] == outcome[1], (column, value)
+
+
 def test_null_entries_inside_int_lists_are_refused_clearly(plan: ServingPlan, rows: dict[str, list[Any]]) -> None:
     """The reference maps a null inside an int list to id 0; the plan refuses it, naming the feature.
 
