@@ -116,6 +116,7 @@ class BenchConfig:
     admission_factor: float = 1.5  # --max-queue-wait-ms = this x the unloaded 100-candidate p99
     load_fraction: float = 0.7  # open loop (5) and the soak, as a share of capacity
     ray: bool = True
+    compile: bool = True  # every server gets --compile; the in-process figures are of the compiled network
     ray_s: float = 10.0  # measured seconds per Ray comparison point
     kuairand_data: Path = KUAIRAND_DATA
 
@@ -239,12 +240,19 @@ def _raw(model: InferenceModel, requests: list[pb.RankRequest]) -> list[RawReque
     return [(d.user, d.context, d.candidates) for d in (decode_request(r, model.fitted, 10_000) for r in requests)]
 
 
-def forward_latency(model: InferenceModel, req: pb.RankRequest, seconds: float) -> dict[str, float]:
-    """Median ms per call for one 100-candidate request, each step of both paths on its own."""
+def forward_latency(model: InferenceModel, req: pb.RankRequest, seconds: float,
+                    eager: InferenceModel | None = None) -> dict[str, float]:
+    """Median ms per call for one request (100 candidates), each step of both paths on its own;
+    with ``eager``, the eager forward (and ``score_requests``) of a model that ``model`` compiles."""
     raw = _raw(model, [req])
     encoded = model.plan.encode(raw)
     frame = model.fitted.transform_requests(raw)
+    extra: dict[str, Callable[[], Any]] = {} if eager is None else {
+        "forward eager": lambda: eager.scorer.score(encoded),
+        "score_requests eager": lambda: eager.score_requests(raw),
+    }
     steps: dict[str, Callable[[], Any]] = {
+        **extra,
         "encode": lambda: model.plan.encode(raw),
         "forward": lambda: model.scorer.score(encoded),
         "score_requests": lambda: model.score_requests(raw),
@@ -710,7 +718,8 @@ def targets(ctx: dict[str, Any]) -> list[Target]:
     rss = [m for _, m in sk.rss]
     slope = sk.slope_mib_per_min(cfg.window_s)
     out = [
-        Target("1. forward, 100 candidates (encode + FusedScorer.score, 1 thread)", "≤ 1.0 ms",
+        Target("1. forward, 100 candidates (encode + FusedScorer.score, 1 thread"
+               + (", compiled)" if cfg.compile else ")"), "≤ 1.0 ms",
                f"{_f(fwd, 3)} ms (encode {_f(lat1['encode'], 3)} + forward {_f(lat1['forward'], 3)}); old "
                f"`score_frame` {_f(lat1['score_frame'], 3)} ms = {lat1['score_frame'] / fwd:.1f}x slower", fwd <= 1.0),
         Target("1. `score_requests` end to end, 100 candidates, 1 thread", "≤ 1.0 ms (the strict reading)",
@@ -810,18 +819,23 @@ def report(ctx: dict[str, Any]) -> str:
         "",
         "## (1) In process: the serving path vs the reference path",
         "",
-        "One 100-candidate request, median ms per call:",
+        "One request of 100 (and of 1) candidates, median ms per call"
+        + (" (forward: the network compiled ahead of time, as `--compile` serves it; eager beside it):"
+           if cfg.compile else ":"),
         "",
-        "| torch threads | encode | forward | encode + forward | `score_requests` | transform (Polars) "
-        "| `score_frame` | `reference_score_requests` | forward old / new | end to end old / new |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| candidates | torch threads | encode | forward | forward eager | encode + forward | `score_requests` "
+        "| `score_requests` eager | transform (Polars) | `score_frame` | `reference_score_requests` "
+        "| forward old / new | end to end old / new |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for t, lat in ctx["latency"].items():
-        fwd = lat["encode"] + lat["forward"]
-        lines.append(
-            f"| {t} | {lat['encode']:.3f} | {lat['forward']:.3f} | {fwd:.3f} | {lat['score_requests']:.3f} "
-            f"| {lat['transform']:.3f} | {lat['score_frame']:.3f} | {lat['reference_score_requests']:.3f} "
-            f"| {lat['score_frame'] / fwd:.1f}x | {lat['reference_score_requests'] / lat['score_requests']:.1f}x |")
+    for n, key in ((100, "latency"), (1, "latency_1")):
+        for t, lat in ctx[key].items():
+            fwd = lat["encode"] + lat["forward"]
+            lines.append(
+                f"| {n} | {t} | {lat['encode']:.3f} | {lat['forward']:.3f} | {_f(lat.get('forward eager'), 3)} "
+                f"| {fwd:.3f} | {lat['score_requests']:.3f} | {_f(lat.get('score_requests eager'), 3)} "
+                f"| {lat['transform']:.3f} | {lat['score_frame']:.3f} | {lat['reference_score_requests']:.3f} "
+                f"| {lat['score_frame'] / fwd:.1f}x | {lat['reference_score_requests'] / lat['score_requests']:.1f}x |")
     lines += [
         "",
         "Ceiling: candidates/s per batch (k requests of 100 candidates, plus one of 50), `score_requests` "
@@ -978,7 +992,9 @@ def raw_figures(ctx: dict[str, Any]) -> dict[str, Any]:
         "elapsed_min": ctx["elapsed_min"], "soak_min": ctx["soak_min"], "load_start": ctx["load_start"],
         "load_end": ctx["load_end"], "params": ctx["params"],
         "targets": [t._asdict() for t in ctx["targets"]],
-        "in_process": {"latency_ms": {str(t): v for t, v in ctx["latency"].items()}, "ceiling": ctx["ceiling"],
+        "in_process": {"latency_ms": {str(t): v for t, v in ctx["latency"].items()},
+                       "latency_ms_1_candidate": {str(t): v for t, v in ctx["latency_1"].items()},
+                       "ceiling": ctx["ceiling"],
                        "stages_us_per_candidate": ctx["stages"]},
         "servers": {"main": ctx["main_cmd"], "workers_1": ctx["w1_cmd"], "batching_off": ctx["off_cmd"],
                     "overload": ctx["overload"]["cmds"], "kuairand": ctx["kuairand"].get("cmd")},
@@ -997,15 +1013,16 @@ def raw_figures(ctx: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- main
 def in_process(ctx: dict[str, Any], model: InferenceModel, reqs: dict[str, list[pb.RankRequest]],
-               cfg: BenchConfig) -> None:
+               cfg: BenchConfig, eager: InferenceModel | None = None) -> None:
     """Part (1): latency of one request, the ceiling, the stage split; torch threads restored after."""
     default_threads = torch.get_num_threads()
-    ctx["latency"], ctx["ceiling"] = {}, []
+    ctx["latency"], ctx["latency_1"], ctx["ceiling"] = {}, {}, []
     try:
         for threads in sorted({1, cfg.workers}):
             torch.set_num_threads(threads)
             print(f"(1) in process, {threads} torch thread(s)", file=sys.stderr, flush=True)
-            ctx["latency"][threads] = forward_latency(model, reqs["100"][0], cfg.forward_s)
+            ctx["latency"][threads] = forward_latency(model, reqs["100"][0], cfg.forward_s, eager)
+            ctx["latency_1"][threads] = forward_latency(model, reqs["1"][0], cfg.forward_s, eager)
             ctx["ceiling"] += [{"threads": threads, **r}
                                for r in forward_ceiling(model, reqs["100"][:40], reqs["50"][0], cfg.forward_s)]
         torch.set_num_threads(1)  # the server's setting
@@ -1038,17 +1055,21 @@ def run(cfg: BenchConfig, work: Path, command: str) -> dict[str, Any]:
                            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M")}
     print(f"building data and artifact in {work} (load {load_avg()})", file=sys.stderr, flush=True)
     log, artifact, _ = build_artifact(work)
-    model = InferenceModel(artifact)
+    os.environ["RANKER_COMPILE_CACHE"] = str(work / "compiled")  # this process and every server it starts
+    model = InferenceModel(artifact, compile=cfg.compile)
+    if cfg.compile and not model.compiled:
+        raise RuntimeError("--compile: the serving network did not compile; see the warning above (or --no-compile)")
+    eager = InferenceModel(artifact) if cfg.compile else None
     ctx["params"] = sum(p.numel() for p in model.model.parameters())
     reqs = {str(n): make_requests(log, model.fitted, n, DISTINCT_REQUESTS, COLUMNS) for n in (1, 50, *REQUEST_SIZES)}
     reqs["100 per-candidate"] = make_requests(log, model.fitted, 100, DISTINCT_REQUESTS, CANDIDATES)
     payloads = {k: write_payloads(r, work / f"requests_{k.replace(' ', '_')}.pkl") for k, r in reqs.items()}
-    in_process(ctx, model, reqs, cfg)
-    del model
+    in_process(ctx, model, reqs, cfg, eager)
+    del model, eager
 
     w, threads = cfg.workers, cfg.server_threads
     knobs = ["--max-batch-candidates", str(cfg.max_batch_candidates),
-             "--max-queue-delay-us", str(cfg.max_queue_delay_us)]
+             "--max-queue-delay-us", str(cfg.max_queue_delay_us), *(["--compile"] if cfg.compile else [])]
     main: dict[str, LoadResult] = {}
     with server(artifact, work, "main", knobs, threads, w) as sp:
         ctx["main_cmd"] = sp.command
@@ -1122,6 +1143,8 @@ def main() -> None:
     ap.add_argument("--admission-factor", type=float, default=BenchConfig.admission_factor,
                     help="overload: --max-queue-wait-ms = this x the unloaded 100-candidate p99")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="serve and measure the eager network (default: --compile, AOTInductor)")
     ap.add_argument("--ray-s", type=float, default=None, help="measured seconds per Ray comparison point (default 10)")
     ap.add_argument("--kuairand-data", type=Path, default=KUAIRAND_DATA, help="KuaiRand-Pure files (skipped if absent)")
     ap.add_argument("--work", type=Path, default=None, help="keep data, logs and raw results here")
@@ -1131,7 +1154,8 @@ def main() -> None:
     overrides: dict[str, Any] = {
         "workers": args.workers, "channels": args.channels, "server_threads": args.server_threads,
         "max_batch_candidates": args.max_batch_candidates, "max_queue_delay_us": args.max_queue_delay_us,
-        "admission_factor": args.admission_factor, "ray": not args.no_ray, "kuairand_data": args.kuairand_data,
+        "admission_factor": args.admission_factor, "ray": not args.no_ray, "compile": not args.no_compile,
+        "kuairand_data": args.kuairand_data,
     }
     if args.soak_s is not None:
         overrides["soak_s"] = args.soak_s

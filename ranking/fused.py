@@ -28,6 +28,7 @@ width; ``_r`` / ``_i`` mark request-side and item-side parts.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -282,11 +283,19 @@ class FusedScorer(nn.Module):
             args = self.inputs(example)
             dims = tuple({0: torch.export.Dim.DYNAMIC} if a.dim() == 1 or a.shape[1] > 0 else {} for a in args)
             tmp = package.with_name(f"{package.stem}.{os.getpid()}.tmp.pt2")  # AOTInductor wants .pt2
-            with torch.inference_mode(), warnings.catch_warnings():
-                # torch pickles its own pytree specs with a check it deprecated itself (torch 2.13)
-                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-                program = torch.export.export(_Scores(self), args, dynamic_shapes=(dims,))
-                aoti_compile_and_package(program, package_path=str(tmp))
+            # torch talks to itself while exporting: its fx tracer warns that its own is_fx_tracing
+            # covers export too, and it pickles pytree specs with a check it deprecated (torch 2.13)
+            fx_log = logging.getLogger("torch.fx._symbolic_trace")
+            level = fx_log.level
+            fx_log.setLevel(logging.ERROR)
+            try:
+                with torch.inference_mode(), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                            category=FutureWarning)
+                    program = torch.export.export(_Scores(self), args, dynamic_shapes=(dims,))
+                    aoti_compile_and_package(program, package_path=str(tmp))
+            finally:
+                fx_log.setLevel(level)
             os.replace(tmp, package)
         self._compiled = aoti_load_package(str(package))
 
