@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from features.spec import load_spec
+from pipelines import quiet
 from pipelines.requests import request_from_log
 
 
@@ -66,6 +67,7 @@ def run_demo(cfg: DemoConfig) -> None:
     """
     from serving.client import RankerClient, format_ranking
 
+    quiet.install()  # also for the pipeline and the server it starts (MLflow's download bar is an env setting)
     total = time.perf_counter()
     work = cfg.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)

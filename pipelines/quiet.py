@@ -39,6 +39,10 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
     (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning,
      r"lightning\.pytorch\..*",
      "metrics are logged per epoch, which small runs still get; only the optional per-step points are absent"),
+    (r"It is recommended to use `self\.log\('(train|val)/[^']*', \.\.\., sync_dist=True\)` when logging on epoch "
+     r"level in distributed setting", UserWarning, r"lightning\.pytorch\..*",
+     "RankingModule's epoch values are already global without it: torchmetrics' compute() gathers every "
+     "rank's state, every rank validates on the whole split, and the running means pass sync_dist"),
 )
 
 # One-time notices from torch's loggers, aimed at library authors rather than at us.

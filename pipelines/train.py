@@ -166,10 +166,13 @@ class GateHeatmaps(Callback):
 class Progress(TQDMProgressBar):
     """Training progress: a tqdm bar on stderr (epoch, step, loss, rows/s) and one log line per epoch.
 
-    The bar shows only when ``bar`` is set (by :func:`train`: when stderr is a terminal); without it,
-    a line every ``heartbeat_s`` seconds says how far a long epoch has got. Rows are counted from the
-    batches this process trains on, times the number of processes (the data module gives each its
-    own share).
+    Rows are counted from the batches this process trains on, times the number of processes (the
+    data module gives each its own share); rows/s leaves validation time out.
+
+    Args:
+        bar: show the bar (:func:`train` sets it when stderr is a terminal); without it, a log line
+            every ``heartbeat_s`` seconds says how far a long epoch has got.
+        heartbeat_s: seconds between those lines.
     """
 
     SHOWN = ("train/loss", "val/loss", "val/auc_mean")  # of the metrics the module puts on the bar

@@ -244,6 +244,9 @@ def test_quiet_drops_the_known_banners_and_warnings_and_nothing_else(caplog: pyt
         ("The number of training batches (40) is smaller than the logging interval Trainer(log_every_n_steps=50). "
          "Set a lower value for log_every_n_steps if you want to see logs for the training epoch.",
          PossibleUserWarning, "lightning.pytorch.loops.fit_loop"),
+        ("It is recommended to use `self.log('val/click/auc', ..., sync_dist=True)` when logging on epoch level in "
+         "distributed setting to accumulate the metric across devices.", PossibleUserWarning,
+         "lightning.pytorch.trainer.connectors.logger_connector.result"),
     ]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
