@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 demo: setup
 	$(VENV)/bin/ranker demo --workdir .demo
 
-# The MLflow UI over the project's store (.mlflow/, or MLFLOW_TRACKING_URI) on 127.0.0.1:5000 (MLFLOW_UI_PORT).
+# The MLflow UI over the project's store (.mlflow/, or MLFLOW_TRACKING_URI) on 127.0.0.1:5000 (MLFLOW_UI_PORT);
+# a port in use or a missing store is one error line and a non-zero exit, before any server starts.
 mlflow-ui: setup
-	$(PY) -m pipelines.ui
+	@$(PY) -m pipelines.ui
 
 test: setup
 	$(VENV)/bin/lint-imports

@@ -11,7 +11,6 @@ what they can (paths, files, ports, the tracking store) before importing the hea
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -86,6 +85,8 @@ app.add_typer(pipeline_app, name="pipeline")
 
 def package_version() -> str:
     """The installed version of the package (what ``pip`` installed), or ``unknown`` when it is not installed."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:

@@ -132,6 +132,8 @@ def explain(e: BaseException) -> tuple[str, int]:
     if subject is None:
         return f"{what}: {why}", code
     shown = str(subject)
+    if isinstance(e, OSError) and e.strerror and e.filename is not None and str(e.filename) == shown:
+        return f"{what} {shown!r}: {e.strerror}", code
     if shown in why:  # the message names it already: "spec file not found: 's.yaml'"
         return why, code
     return f"{what} {shown!r}: {why}", code

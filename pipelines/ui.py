@@ -57,12 +57,8 @@ def mlflow_server_command(tracking_uri: str, host: str = DEFAULT_HOST, port: int
     """
     from pipelines.tracking import artifact_location
 
-    artifacts = artifact_location(tracking_uri)  # None unless sqlite:///
-    if artifacts is None or tracking_uri == "sqlite:///":
-        raise ValueError(
-            f"mlflow-ui serves a local sqlite store (sqlite:///path/to/mlflow.db), got {tracking_uri!r}; "
-            "open a remote tracking server's own URL instead"
-        )
+    _local_store(tracking_uri)
+    artifacts = artifact_location(tracking_uri)
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
     return [
@@ -73,6 +69,17 @@ def mlflow_server_command(tracking_uri: str, host: str = DEFAULT_HOST, port: int
         "--port", str(port),
         "--workers", "1",  # one process starts in seconds and is plenty for one person's browser
     ]
+
+
+def _local_store(tracking_uri: str) -> Path:
+    """The database file of a local sqlite store; any other URI is an error (a remote server has its own UI)."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        raise ValueError(
+            f"mlflow-ui serves a local sqlite store (sqlite:///path/to/mlflow.db), got {tracking_uri!r}; "
+            "open a remote tracking server's own URL instead"
+        )
+    return db
 
 
 def _mlflow_executable() -> str:
@@ -118,11 +125,12 @@ def check_bindable(host: str, port: int, name: str) -> None:
             raise ValueError(f"{name} {port}: cannot bind {host}:{port}: {e.strerror or e}") from None
 
 
+STORE_DIR = ".mlflow"  # pipelines.tracking.DEFAULT_DIR, without importing MLflow (seconds) to read it
+
+
 def project_store_uri() -> str:
     """The store commands use by default (``MLFLOW_TRACKING_URI``, else ``.mlflow/mlflow.db``), creating nothing."""
-    from pipelines.tracking import DEFAULT_DIR
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DIR).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(STORE_DIR).resolve() / 'mlflow.db'}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -215,16 +223,16 @@ def ui_command() -> tuple[list[str], str]:
     if port == 0:
         raise ValueError("MLFLOW_UI_PORT must be a port in 1..65535 (a browser needs to know it), got 0")
     uri = project_store_uri()
-    db = sqlite_path(uri)
-    if db is not None and not db.parent.is_dir():
+    db = _local_store(uri)
+    if not db.parent.is_dir():
         raise ValueError(f"MLflow store {uri!r}: no such folder {str(db.parent)!r}; `make demo` or `ranker train` "
                          "creates the project's store (or set MLFLOW_TRACKING_URI to an existing one)")
+    check_bindable(DEFAULT_HOST, port, "MLFLOW_UI_PORT")
     try:
         cmd = mlflow_server_command(uri, port=port)
     except RuntimeError as e:  # the mlflow executable is missing
         raise ValueError(str(e)) from None
-    check_bindable(DEFAULT_HOST, port, "MLFLOW_UI_PORT")
-    empty = " (no runs yet: a new, empty store)" if db is not None and not db.is_file() else ""
+    empty = " (no runs yet: a new, empty store)" if not db.is_file() else ""
     return cmd, f"MLflow UI: http://{DEFAULT_HOST}:{port}  (store {uri}){empty}"
 
 
