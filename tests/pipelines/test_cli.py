@@ -1,10 +1,16 @@
-"""The ranker CLI: --help everywhere, and bad input gives one readable line with a non-zero exit."""
+"""The ranker CLI: --help everywhere (with every default shown), --version, and bad input gives one readable line
+with a non-zero exit (the full table of bad inputs through the installed command is test_bad_inputs.py)."""
 
+import dataclasses
+import importlib.metadata
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -65,3 +71,153 @@ def test_train_fails_within_seconds_when_the_tracking_server_is_unreachable(smal
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking server 'http://127.0.0.1:9' is unreachable")
     assert elapsed < 10, elapsed
+
+
+def test_version_is_the_installed_package_version() -> None:
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == f"ranker (mmoe-ranker) {importlib.metadata.version('mmoe-ranker')}"
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every command and group under ``group``, with the words that reach it."""
+    yield path, group
+    for name, sub in sorted(getattr(group, "commands", {}).items()):
+        yield from _commands(sub, (*path, name))
+
+
+COMMANDS = list(_commands(typer.main.get_command(app)))
+
+
+def test_every_command_is_walked() -> None:
+    leaves = {" ".join(path) for path, cmd in COMMANDS if not hasattr(cmd, "commands")}
+    assert leaves == {"data synth", "features build", "train", "serve", "rank", "pipeline run",
+                      "pipeline schedule", "pipeline show", "demo"}
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """``{"--out": "its help, joined over its wrapped lines"}`` from a rendered options table."""
+    blocks: dict[str, str] = {}
+    current = None
+    for row in help_text.splitlines():
+        inner = row.strip().strip("│")
+        cells = inner.strip()
+        if not row.lstrip().startswith("│"):
+            current = None
+        elif (m := re.match(r"\*?\s*(--[a-z0-9-]+)", cells)) and len(inner) - len(inner.lstrip()) <= 4:
+            current = m[1]
+            blocks[current] = cells
+        elif current is not None:
+            blocks[current] += " " + cells
+    return blocks
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) or "ranker" for p, _ in COMMANDS])
+def test_help_shows_every_default(path: tuple[str, ...], command: Any) -> None:
+    """Each option is required or shows its default; an option whose default is None says what happens then.
+
+    Plain on/off switches (--version, --debug, typer's completion options) are off unless given and show none.
+    """
+    r = runner.invoke(app, [*path, "--help"])
+    assert r.exit_code == 0, r.output
+    blocks = _option_blocks(r.output)
+    for param in command.params:
+        name = param.opts[0]
+        if param.param_type_name != "option" or name == "--help":
+            continue
+        if param.is_flag and not param.secondary_opts:
+            assert not param.default, name
+            continue
+        assert name in blocks, f"{name} not in the help of {path}"
+        text = blocks[name]
+        assert "[required]" in text if param.required else "[default: " in text, f"{path} {name}: {text}"
+        if param.default is None and not param.required:
+            assert isinstance(param.show_default, str), f"{path} {name}: say what happens without it"
+
+
+def test_help_defaults_are_the_config_defaults() -> None:
+    """The defaults shown for options that leave the value to a config (None) are that config's."""
+    from features.synthetic import SynthConfig
+    from pipelines.train import TrainConfig
+
+    def shown(path: tuple[str, ...]) -> dict[str, str]:
+        command = dict(COMMANDS)[path]
+        return {p.name: p.show_default for p in command.params if isinstance(p.show_default, str)}
+
+    synth, train = SynthConfig(), TrainConfig(features=Path("f"), out=Path("o"), tracking_uri="sqlite:///x")
+    for name, text in shown(("data", "synth")).items():
+        assert text == str(getattr(synth, name)), name
+    values = shown(("train",))
+    for name in ("model", "epochs", "batch_size", "lr", "seed", "accelerator", "devices", "strategy", "experiment",
+                 "register_as"):
+        assert values[name] == str(getattr(train, name)), name
+    assert dataclasses.asdict(synth)  # a dataclass: every field the help names exists
+
+
+def test_the_ui_reads_the_same_default_store_as_the_commands() -> None:
+    from pipelines.tracking import DEFAULT_DIR
+    from pipelines.ui import STORE_DIR
+
+    assert STORE_DIR == DEFAULT_DIR
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _block(text: str, after: str) -> list[str]:
+    """The lines of the first ```bash block after the line ``after``."""
+    rest = text[text.index(after):]
+    start = rest.index("```bash\n") + len("```bash\n")
+    return rest[start:rest.index("```", start)].splitlines()
+
+
+def test_readme_install_recipe_is_the_makefiles() -> None:
+    make = (REPO / "Makefile").read_text()
+    stack = re.search(r"^TORCH_STACK := (.+)$", make, re.M)
+    assert stack is not None
+    wanted = [line.split(" install ", 1)[1].replace("-q ", "").replace("$(TORCH_STACK)", stack[1]).strip()
+              for line in make.splitlines() if "$(PIP) install" in line]
+    shown = [line.split("#")[0].split(" pip install ", 1)[1].strip()
+             for line in _block((REPO / "README.md").read_text(), "## Install") if " pip install " in line]
+    assert shown == wanted
+
+
+def test_readme_states_the_pipelines_steps() -> None:
+    from pipelines.pipeline import STEPS
+
+    readme = (REPO / "README.md").read_text()
+    words = {5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+    stated = f"One run, for one as-of day, is {words[len(STEPS)]} steps"
+    assert stated in readme
+    listed = re.findall(r"^(\d+)\. \*\*(\w+)\*\*", readme[readme.index(stated):], re.M)
+    assert [name for _, name in listed[:len(STEPS)]] == list(STEPS)
+    assert [int(n) for n, _ in listed[:len(STEPS)]] == list(range(1, len(STEPS) + 1))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("epochs: two\n", "field 'epochs': expects int, got 'two'"),
+        ("loss_weighting: average\n", "field 'loss_weighting': expects one of 'fixed', 'uncertainty', got 'average'"),
+        ("model_config: {expert_dims: wide}\n",
+         "field 'model_config.expert_dims': expects tuple[int, ...], got 'wide'"),
+    ],
+)
+def test_config_file_values_are_type_checked(body: str, message: str, small_features: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(body)
+    r = runner.invoke(app, ["train", "--features", str(small_features), "--config", str(config),
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == f"error: config file {str(config)!r}: {message}"
+
+
+def test_set_values_are_coerced_to_the_field_type() -> None:
+    from pipelines.cli import typed_fields
+    from ranking.config import ModelConfig
+
+    got = typed_fields(ModelConfig, {"expert_dims": [64, 32], "dropout": 0, "gate": "softmax"}, str)
+    assert got == {"expert_dims": (64, 32), "dropout": 0.0, "gate": "softmax"}
+    assert isinstance(got["dropout"], float)
+    with pytest.raises(ValueError, match=r"^--set gate: expects one of 'softmax', 'noisy_topk', got 'dense'$"):
+        typed_fields(ModelConfig, {"gate": "dense"}, lambda name: f"--set {name}")
