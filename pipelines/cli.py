@@ -64,7 +64,7 @@ class RankerGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         with errors.boundary(lambda line: typer.echo(line, err=True), typer.Exit,
-                             passthrough=(typer.Exit, ClickException)):
+                             passthrough=(typer.Exit, typer.Abort, ClickException)):
             return super().invoke(ctx)
 
 
@@ -391,7 +391,8 @@ def serve_cmd(
         help="Server processes sharing the port (SO_REUSEPORT); 1 = one process, no supervisor.",
         show_default="one per core")] = None,
     compile: Annotated[bool, typer.Option(
-        help="torch.compile the model at load (slower loads; eager if it fails or disagrees).")] = False,
+        help="compile the network ahead of time at load (AOTInductor; the first load of an artifact takes "
+             "15-50 s, later ones reuse $RANKER_COMPILE_CACHE; eager if it fails or disagrees).")] = False,
 ) -> None:
     """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM.
 

@@ -126,7 +126,7 @@ class ModelHolder:
 
     def __init__(self, uri: str, tracking_uri: str | None = None, compile: bool = False) -> None:
         self.uri = uri
-        self.compile = compile  # torch.compile each version at load (InferenceModel.compile)
+        self.compile = compile  # compile each version ahead of time at load (InferenceModel.compile)
         self.tracking_uri = tracking_uri
         self.listeners: list[Listener] = []
         self._current: LoadedModel | None = None

@@ -67,8 +67,9 @@ class ServerOptions:
         metrics_port: serve Prometheus ``/metrics`` on this port of ``host``; None = no endpoint, 0 = a free one.
         reuse_port: bind with the gRPC option ``grpc.so_reuseport=1`` so that several processes
             share ``host:port`` (``serving.workers``); False leaves gRPC's default.
-        compile: compile each loaded model's serving network with ``torch.compile`` (tens of
-            seconds per load, in the loading thread; eager when it fails or disagrees).
+        compile: compile each loaded model's serving network ahead of time (AOTInductor, see
+            ``InferenceModel.compile``: 15-50 s the first time an artifact is loaded, in the loading
+            thread, then a cached package; eager when it fails or disagrees).
     """
 
     host: str = "127.0.0.1"
