@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -92,6 +93,12 @@ def _os_reason(e: OSError) -> str:
     return f"{e.strerror}: {str(e.filename)!r}{other}"
 
 
+def _torch_file(e: BaseException) -> bool:
+    """What ``torch.load`` raises for a truncated or overwritten file (a checkpoint, ``weights.pt``)."""
+    return isinstance(e, pickle.UnpicklingError | EOFError) or (
+        isinstance(e, RuntimeError) and str(e).startswith("PytorchStreamReader"))
+
+
 def _why(e: BaseException) -> tuple[str, int]:
     """The reason (no context) and exit code for one exception."""
     user: list[tuple[type[BaseException] | None, Callable[[Any], str]]] = [
@@ -112,6 +119,8 @@ def _why(e: BaseException) -> tuple[str, int]:
     for kind, reason in user:
         if kind is not None and isinstance(e, kind):
             return reason(e) or type(e).__name__, USER_ERROR
+    if _torch_file(e):
+        return f"truncated or corrupt file: {_first_line(str(e)) or type(e).__name__}", USER_ERROR
     rpc = _loaded("grpc", "RpcError")
     if rpc is not None and isinstance(e, rpc) and hasattr(e, "code"):
         call: Any = e  # a grpc.Call: code() and details()

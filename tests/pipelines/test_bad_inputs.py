@@ -429,6 +429,10 @@ def test_each_family_is_one_line() -> None:
     line, code = _explained(driver, "tracking store", "postgresql://h/db")
     assert code == 2 and line.startswith("tracking store 'postgresql://h/db': a package it needs is not installed")
     assert _explained(IsADirectoryError(21, "Is a directory", "out")) == ("Is a directory: 'out'", 2)
+    truncated = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+    assert _explained(truncated, "checkpoint", "last.ckpt") == (
+        "checkpoint 'last.ckpt': truncated or corrupt file: PytorchStreamReader failed reading zip archive: "
+        "failed finding central directory", 2)
 
 
 def test_an_unexpected_error_is_one_line_that_points_to_debug() -> None:
