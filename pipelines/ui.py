@@ -59,6 +59,8 @@ def mlflow_server_command(tracking_uri: str, host: str = DEFAULT_HOST, port: int
 
     _local_store(tracking_uri)
     artifacts = artifact_location(tracking_uri)
+    if artifacts is None:  # a local sqlite store always has one; this keeps the type honest
+        raise ValueError(f"no artifact folder for the store {tracking_uri!r}")
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
     return [
