@@ -642,6 +642,8 @@ def pipeline_run(
         typer.echo(f"report: {result.report}")
         typer.echo(f"MLflow parent run {result.parent_run_id}; version {result.version}; "
                    f"promoted: {'yes' if result.promoted else 'no'}")
+        if result.runs_url:
+            typer.echo(f"MLflow runs list: {result.runs_url}")
 
 
 @pipeline_app.command("schedule")

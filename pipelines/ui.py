@@ -235,7 +235,9 @@ def ui_command() -> tuple[list[str], str]:
     except RuntimeError as e:  # the mlflow executable is missing
         raise ValueError(str(e)) from None
     empty = " (no runs yet: a new, empty store)" if not db.is_file() else ""
-    return cmd, f"MLflow UI: http://{DEFAULT_HOST}:{port}  (store {uri}){empty}"
+    # MLflow 3's UI opens an experiment in its GenAI layout unless the link asks for model training
+    return cmd, (f"MLflow UI: http://{DEFAULT_HOST}:{port}/#/experiments?workflowType=machine_learning  "
+                 f"(store {uri}){empty}")
 
 
 def main() -> None:
