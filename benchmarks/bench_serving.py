@@ -1012,23 +1012,36 @@ def raw_figures(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- main
-def in_process(ctx: dict[str, Any], model: InferenceModel, reqs: dict[str, list[pb.RankRequest]],
-               cfg: BenchConfig, eager: InferenceModel | None = None) -> None:
-    """Part (1): latency of one request, the ceiling, the stage split; torch threads restored after."""
+def _serving_model(artifact: Path, cfg: BenchConfig) -> InferenceModel:
+    """The artifact as the server loads it: compiled with ``cfg.compile`` at the current torch thread count
+    (Inductor's kernels keep the count they were compiled with)."""
+    model = InferenceModel(artifact, compile=cfg.compile)
+    if cfg.compile and not model.compiled:
+        raise RuntimeError("--compile: the serving network did not compile; see the warning above (or --no-compile)")
+    return model
+
+
+def in_process(ctx: dict[str, Any], artifact: Path, reqs: dict[str, list[pb.RankRequest]], cfg: BenchConfig) -> None:
+    """Part (1): latency of one request, the ceiling, the stage split, each at 1 and N torch threads with
+    the network compiled for that count (and its eager forward beside it); torch threads restored after."""
     default_threads = torch.get_num_threads()
     ctx["latency"], ctx["latency_1"], ctx["ceiling"] = {}, {}, []
+    eager = InferenceModel(artifact) if cfg.compile else None
     try:
-        for threads in sorted({1, cfg.workers}):
+        for threads in sorted({1, cfg.workers}, reverse=True):  # 1 thread last: the stage split uses it
             torch.set_num_threads(threads)
             print(f"(1) in process, {threads} torch thread(s)", file=sys.stderr, flush=True)
+            model = _serving_model(artifact, cfg)
             ctx["latency"][threads] = forward_latency(model, reqs["100"][0], cfg.forward_s, eager)
             ctx["latency_1"][threads] = forward_latency(model, reqs["1"][0], cfg.forward_s, eager)
             ctx["ceiling"] += [{"threads": threads, **r}
                                for r in forward_ceiling(model, reqs["100"][:40], reqs["50"][0], cfg.forward_s)]
-        torch.set_num_threads(1)  # the server's setting
         ctx["stages"] = stage_breakdown(model, reqs["100"][:10], reqs["100 per-candidate"][:10], cfg.forward_s)
     finally:
         torch.set_num_threads(default_threads)
+    ctx["latency"] = dict(sorted(ctx["latency"].items()))
+    ctx["latency_1"] = dict(sorted(ctx["latency_1"].items()))
+    ctx["ceiling"].sort(key=lambda r: (r["threads"], r["batch"]))
 
 
 def kuairand_part(ctx: dict[str, Any], cfg: BenchConfig, work: Path, knobs: list[str]) -> None:
@@ -1056,16 +1069,13 @@ def run(cfg: BenchConfig, work: Path, command: str) -> dict[str, Any]:
     print(f"building data and artifact in {work} (load {load_avg()})", file=sys.stderr, flush=True)
     log, artifact, _ = build_artifact(work)
     os.environ["RANKER_COMPILE_CACHE"] = str(work / "compiled")  # this process and every server it starts
-    model = InferenceModel(artifact, compile=cfg.compile)
-    if cfg.compile and not model.compiled:
-        raise RuntimeError("--compile: the serving network did not compile; see the warning above (or --no-compile)")
-    eager = InferenceModel(artifact) if cfg.compile else None
+    model = InferenceModel(artifact)
     ctx["params"] = sum(p.numel() for p in model.model.parameters())
     reqs = {str(n): make_requests(log, model.fitted, n, DISTINCT_REQUESTS, COLUMNS) for n in (1, 50, *REQUEST_SIZES)}
     reqs["100 per-candidate"] = make_requests(log, model.fitted, 100, DISTINCT_REQUESTS, CANDIDATES)
     payloads = {k: write_payloads(r, work / f"requests_{k.replace(' ', '_')}.pkl") for k, r in reqs.items()}
-    in_process(ctx, model, reqs, cfg, eager)
-    del model, eager
+    del model
+    in_process(ctx, artifact, reqs, cfg)
 
     w, threads = cfg.workers, cfg.server_threads
     knobs = ["--max-batch-candidates", str(cfg.max_batch_candidates),

@@ -71,9 +71,11 @@ class InferenceModel:
     def compile(self, cache_dir: str | Path | None = None) -> bool:
         """Compile the serving network ahead of time (AOTInductor); eager stays the fallback.
 
-        The package is cached in ``cache_dir`` (default: ``$RANKER_COMPILE_CACHE``, else
-        ``~/.cache/mmoe-ranker/compiled``) under a name made of the artifact's files, the serving
-        network's code and the torch version, so processes serving the same artifact (``--workers``)
+        The compiled kernels keep the torch thread count set when this is called (set it first; the
+        server sets ``--torch-threads`` before loading). The package is cached in ``cache_dir``
+        (default: ``$RANKER_COMPILE_CACHE``, else ``~/.cache/mmoe-ranker/compiled``) under a name made
+        of the artifact's files, the serving network's code, the torch version and that thread count,
+        so processes serving the same artifact (``--workers``)
         and later restarts compile once: one compiles under a file lock, the others wait and load it.
         The compiled network is kept only if it runs and matches eager to 1e-5 on requests made from
         the model's own vocabularies (one and several requests and candidates, empty lists); else
@@ -116,7 +118,10 @@ class InferenceModel:
             h.update(f.read_bytes())
         for module in (fused_module, plan_module):
             h.update(Path(module.__file__ or "").read_bytes())
-        h.update(f"{torch.__version__} {platform.machine()} {platform.python_version()}".encode())
+        # Inductor's CPU kernels fix their OpenMP thread count at compile time: a package compiled with
+        # 2 threads run by 2 workers on 2 cores would oversubscribe them, so the count is part of the name
+        h.update(f"{torch.__version__} {platform.machine()} {platform.python_version()} "
+                 f"threads={torch.get_num_threads()}".encode())
         return h.hexdigest()[:32]
 
     def _empty_lists_probe(self) -> Any:

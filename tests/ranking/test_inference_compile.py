@@ -89,6 +89,14 @@ def test_the_package_name_follows_the_artifact(artifact: Path, tmp_path: Path) -
     other = tmp_path / "other"
     shutil.copytree(artifact, other)
     assert InferenceModel(other)._compile_key() == InferenceModel(artifact)._compile_key()  # same files
+    threads = torch.get_num_threads()
+    try:  # Inductor's kernels keep the thread count they were compiled with: another count, another package
+        torch.set_num_threads(1)
+        one = InferenceModel(artifact)._compile_key()
+        torch.set_num_threads(2)
+        assert InferenceModel(artifact)._compile_key() != one
+    finally:
+        torch.set_num_threads(threads)
     weights = next(p for p in other.rglob("*.pt") if p.is_file())
     weights.write_bytes(weights.read_bytes() + b"\0")
     changed = InferenceModel.__new__(InferenceModel)  # weights that no longer load: only the key is asked for
