@@ -369,7 +369,8 @@ class ServerProcess:
                "--ready-file", str(ready), "--metrics-port", "0", "--log-format", "json",
                "--workers", str(self.workers), *(["--torch-threads", str(self.threads)] if self.threads else []),
                *self.args]
-        self.command = shlex.join(["ranker", *cmd[3:]]).replace(str(self.artifact), "<artifact>")
+        self.command = shlex.join(["ranker", *cmd[3:]]).replace(str(self.artifact), "<artifact>").replace(
+            str(self.work), "<work>")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=log.open("wb"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
