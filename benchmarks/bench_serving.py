@@ -989,7 +989,8 @@ def raw_figures(ctx: dict[str, Any]) -> dict[str, Any]:
     sk: Soak = ctx["soak"]
     return {
         "command": ctx["command"], "date": ctx["date"], "machine": ctx["machine"],
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
+        "config": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v  # no machine paths in records
+                   for k, v in dataclasses.asdict(cfg).items()},
         "elapsed_min": ctx["elapsed_min"], "soak_min": ctx["soak_min"], "load_start": ctx["load_start"],
         "load_end": ctx["load_end"], "params": ctx["params"],
         "targets": [t._asdict() for t in ctx["targets"]],

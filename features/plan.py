@@ -352,27 +352,16 @@ def _scalar_ids(table: dict[Any, int], kind: str, values: list[Any]) -> np.ndarr
     return np.array(out, dtype=np.int64)
 
 
-class _LazyColumns(Mapping[str, "Col | Jagged"]):
-    """Request columns converted by :func:`_normalise` on first access; ``converted`` names those."""
+class _LazyColumns(dict[str, "Col | Jagged"]):
+    """Request columns, each converted by :func:`_normalise` when first read."""
 
     def __init__(self, given: dict[str, list[Any]], raw_types: Mapping[str, str]) -> None:
+        super().__init__()
         self._given, self._types = given, raw_types
-        self.converted: dict[str, Col | Jagged] = {}
 
-    def __getitem__(self, name: str) -> Col | Jagged:
-        col = self.converted.get(name)
-        if col is None:
-            col = self.converted[name] = _normalise(name, self._types[name], self._given[name])
+    def __missing__(self, name: str) -> Col | Jagged:
+        col = self[name] = _normalise(name, self._types[name], self._given[name])
         return col
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._given
-
-    def __iter__(self) -> Any:
-        return iter(self._given)
-
-    def __len__(self) -> int:
-        return len(self._given)
 
 
 
