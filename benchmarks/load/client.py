@@ -21,11 +21,14 @@ the load: the round trip of the cheapest RPC on the same connection, the floor u
 latency.
 
 Requests are pre-serialized ``RankRequest`` bytes (a pickled ``list[bytes]``) and answers are not
-parsed, so the client spends as little CPU as possible on the shared machine. Each call has a
-deadline of ``--timeout-s``.
+parsed, so the client spends as little CPU as possible on the shared machine; ``--server-time``
+parses each answer for its ``server_time_us`` (the server's own time from reading the request to
+the answer being ready), which splits a round trip into the server's part and the transport's.
+Each call has a deadline of ``--timeout-s``.
 
 Output (``--out``, an ``.npz``): per finished call ``start`` (s since the measured window began),
-``latency`` (s), ``code`` (gRPC status code number, 0 = OK), ``channel`` (which of the K channels);
+``latency`` (s), ``code`` (gRPC status code number, 0 = OK), ``channel`` (which of the K channels),
+``server_time`` (s, with ``--server-time``; NaN for a call that failed);
 ``health_latency`` (s, one per health check); plus ``meta`` (JSON): the window, the channels,
 requests the open loop had to skip because ``--max-in-flight`` calls were pending, and the
 client's own CPU seconds. Calls started in the warm-up are not recorded.
@@ -46,9 +49,10 @@ import pickle
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -58,6 +62,7 @@ METHOD = "/ranking.v1.Ranker/Rank"
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 HEALTH_REQUEST = health_pb2.HealthCheckRequest(service="ranking.v1.Ranker").SerializeToString()
 CHANNELS_ENV = "LOAD_CLIENT_CHANNELS"
+_PARSE: Callable[[bytes], Any] | None = None  # RankResponse.FromString with --server-time
 RankCall: TypeAlias = grpc.aio.UnaryUnaryMultiCallable
 
 
@@ -69,28 +74,30 @@ class Record:
     latency: list[float] = field(default_factory=list)  # s
     code: list[int] = field(default_factory=list)  # grpc.StatusCode number, 0 = OK
     channel: list[int] = field(default_factory=list)  # which of the K channels carried the call
+    server_time: list[float] = field(default_factory=list)  # s, RankResponse.server_time_us (--server-time)
     skipped: int = 0  # open loop: arrivals not sent because max_in_flight calls were pending
 
 
-async def _call(rank: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, timeout_s: float) -> int:
+async def _call(rank: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, timeout_s: float) -> tuple[int, bytes]:
     try:
-        await rank(payload, timeout=timeout_s)
-        return 0
+        return 0, await rank(payload, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
-        return int(e.code().value[0])
+        return int(e.code().value[0]), b""
 
 
 async def _timed(ranks: list[RankCall], k: int, payload: bytes, timeout_s: float,
                  t0: float, warmup_s: float, rec: Record) -> None:
     """One call of ``payload`` on channel ``k``, recorded unless it started in the warm-up."""
     start = time.perf_counter()
-    code = await _call(ranks[k], payload, timeout_s)
+    code, answer = await _call(ranks[k], payload, timeout_s)
     end = time.perf_counter()
     if start - t0 >= warmup_s:
         rec.start.append(start - t0 - warmup_s)
         rec.latency.append(end - start)
         rec.code.append(code)
         rec.channel.append(k)
+        if _PARSE is not None:
+            rec.server_time.append(_PARSE(answer).server_time_us / 1e6 if code == 0 else float("nan"))
 
 
 async def closed_loop(ranks: list[RankCall], payloads: list[bytes], concurrency: int,
@@ -195,8 +202,15 @@ def main() -> None:
                     help=f"channels (TCP connections) to spread the calls over (default ${CHANNELS_ENV} or 1)")
     ap.add_argument("--health-checks", type=int, default=0,
                     help="after the load, time this many health checks one after another on channel 0")
+    ap.add_argument("--server-time", action="store_true",
+                    help="parse each answer and record its server_time_us (costs client CPU per call)")
     ap.add_argument("--out", required=True, help=".npz to write")
     args = ap.parse_args()
+    if args.server_time:
+        global _PARSE
+        from protos.ranking.v1 import ranker_pb2
+
+        _PARSE = ranker_pb2.RankResponse.FromString
     if args.concurrency < 1 or args.rate <= 0 or args.duration_s <= 0 or args.channels < 1 or args.health_checks < 0:
         raise ValueError(f"need concurrency >= 1, rate > 0, duration > 0, channels >= 1, health checks >= 0; "
                          f"got {args}")
@@ -206,6 +220,7 @@ def main() -> None:
             "client_cpu_s": usage.ru_utime + usage.ru_stime}
     np.savez(args.out, start=np.asarray(rec.start), latency=np.asarray(rec.latency),
              code=np.asarray(rec.code, dtype=np.int64), channel=np.asarray(rec.channel, dtype=np.int64),
+             server_time=np.asarray(rec.server_time, dtype=np.float64),
              health_latency=np.asarray(health), meta=np.asarray(json.dumps(meta)))
 
 
