@@ -44,8 +44,7 @@ from features.spec import load_spec
 from pipelines.train import TrainConfig, train
 from ranking.artifact import build_model
 from ranking.config import ModelConfig
-from ranking.data import RankingDataModule, load_features
-from ranking.module import RankingModule
+from ranking.train import FitConfig, OptimConfig, RankingDataModule, RankingModule, fit, load_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -70,6 +69,7 @@ MODELS: dict[str, dict[str, Any]] = {
 RECIPE: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.0, "batch_size": 1024, "embedding_lr": None}
 # deepctr-torch's MMOE as our config: the shape the throughput comparison runs.
 PEER_SHAPE: dict[str, Any] = {"bottom_dims": (), "num_experts": 8, "expert_dims": (16,), "tower_dims": (8,)}
+PEER_OPTIM = OptimConfig(lr=1e-3, weight_decay=1e-4)  # the throughput runs' optimiser
 
 
 def machine() -> dict[str, Any]:
@@ -149,20 +149,19 @@ def _module(features: Path, seed: int) -> tuple[RankingModule, RankingDataModule
     mconf = ModelConfig.from_fitted(load_features(features), model="mmoe", **PEER_SHAPE)
     data = RankingDataModule(features, mconf, batch_size=1024, seed=seed)
     data.setup()
-    module = RankingModule(build_model(mconf), mconf, lr=1e-3, weight_decay=1e-4, seed=seed)
+    module = RankingModule(build_model(mconf), mconf, PEER_OPTIM, seed=seed)
     return module, data
 
 
 def lightning_throughput(features: Path, epochs: int, seed: int = 2022) -> dict[str, Any]:
-    """Our MMoE (peer shape) through ``Trainer.fit`` with no validation, logger or checkpoints."""
-    module, data = _module(features, seed)
+    """Our MMoE (peer shape) through ``ranking.train.fit`` (Lightning's loop) with no validation,
+    logger, checkpoints or final evaluation."""
+    mconf = ModelConfig.from_fitted(load_features(features), model="mmoe", **PEER_SHAPE)
     clock = EpochClock()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[clock], use_distributed_sampler=False)
-    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    result = fit(features, mconf, FitConfig(epochs=epochs, batch_size=1024, optim=PEER_OPTIM, seed=seed,
+                                            accelerator="cpu", validate=False, final_eval=False), callbacks=[clock])
     how = "Lightning Trainer.fit (training_step, its logging and metrics)"
-    return _rate(clock.wall, clock.cpu, len(data.tables["train"]), how)
+    return _rate(clock.wall, clock.cpu, len(result.trainer.datamodule.tables["train"]), how)
 
 
 def bare_throughput(features: Path, epochs: int, fused: bool, seed: int = 2022) -> dict[str, Any]:

@@ -11,7 +11,7 @@ epoch (gate dropout is off in evaluation). Test AUCs show what the regulariser c
 
 Setting (``Setting``): the project's default MMoE (shared bottom 256, 4 experts of 128→64, towers
 of 32, softmax gates on the bottom's output), trained with the project's Lightning module
-(``ranking.module.RankingModule``, fixed loss weights) for 3 epochs, batch 1024, Adam lr 1e-2.
+(``ranking.train.fit``, fixed loss weights) for 3 epochs, batch 1024, Adam lr 1e-2.
 The learning rate is 5× the project default (2e-3): at 2e-3 the gates approach but rarely cross
 the 0.9 line within 5 epochs (probe: mean top weights 0.70–0.88), and this study needs a regime
 where polarization happens. One thread; no MLflow, no checkpoints.
@@ -33,18 +33,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from features.build import build
 from features.datasets import scan_dataset
 from features.spec import load_spec
-from ranking.artifact import build_model
 from ranking.config import ModelConfig
-from ranking.data import RankingDataModule, load_features
-from ranking.evaluate import evaluate, split_table
 from ranking.gate_health import GateHealth
-from ranking.module import RankingModule
+from ranking.train import FitConfig, OptimConfig, fit, load_features
 
 CENSUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "census_income_kdd"
 
@@ -80,30 +76,18 @@ def census_features(out: Path, raw: Path = CENSUS) -> Path:
 
 
 def train_once(features: Path, setting: Setting, seed: int, gate_dropout: float) -> Run:
-    """Train one MMoE with the project's Lightning module and measure gates and test metrics."""
+    """Train one MMoE through ``ranking.train.fit`` and measure gates (validation) and test metrics."""
     start = time.perf_counter()
-    L.seed_everything(seed, verbose=False)
-    fitted = load_features(features)
-    config = ModelConfig.from_fitted(fitted, model="mmoe", num_experts=setting.num_experts, gate_dropout=gate_dropout)
-    module = RankingModule(build_model(config), config, lr=setting.lr, seed=seed)
-    data = RankingDataModule(features, config, setting.batch_size, seed)
-    trainer = L.Trainer(
-        max_epochs=setting.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        use_distributed_sampler=False,  # the data module shards its own epoch-seeded batches
-        limit_train_batches=setting.limit_train_batches,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=data)
-    if module.last_gate_health is None:
+    config = ModelConfig.from_fitted(load_features(features), model="mmoe", num_experts=setting.num_experts,
+                                     gate_dropout=gate_dropout)
+    result = fit(features, config, FitConfig(epochs=setting.epochs, batch_size=setting.batch_size,
+                                             optim=OptimConfig(lr=setting.lr), seed=seed, accelerator="cpu",
+                                             limit_train_batches=setting.limit_train_batches))
+    health = result.module.last_gate_health
+    if health is None:
         raise ValueError("no gate health after training: did validation run?")
-    test = evaluate(module.model, split_table(features, "test", config, fitted), config, "test")
-    return Run(seed, gate_dropout, module.last_gate_health, test, time.perf_counter() - start)
+    test = {k.removeprefix("final/"): v for k, v in result.metrics.items() if k.startswith("final/test/")}
+    return Run(seed, gate_dropout, health, test, time.perf_counter() - start)
 
 
 def describe(values: list[float]) -> str:

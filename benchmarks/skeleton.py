@@ -23,8 +23,7 @@ from features.synthetic import config_with, write_log
 from ranking.artifact import build_model
 from ranking.batch import Batch
 from ranking.config import ModelConfig
-from ranking.data import RankingDataModule, load_features
-from ranking.losses import task_loss
+from ranking.train import MultiTaskLoss, RankingDataModule, load_features
 
 
 def main() -> None:
@@ -59,14 +58,12 @@ def main() -> None:
         load_s = time.perf_counter() - t
 
         model = build_model(mconf).train()
+        loss_fn = MultiTaskLoss.for_model(mconf)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
         def step(b: Batch) -> None:
             opt.zero_grad()
-            out = model(b.sparse, b.dense, b.position)
-            loss = sum(t.loss_weight * task_loss(t, out.logits[t.name], b.labels[t.name], b.masks[t.name])
-                       for t in mconf.tasks)
-            loss.backward()  # type: ignore[union-attr]
+            loss_fn.of_batch(model(b.sparse, b.dense, b.position), b).total.backward()
             opt.step()
 
         for b in batches[:10]:  # warm-up

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -32,12 +31,9 @@ from pipelines.tracking import (
     reopen,
     system_metrics,
 )
-from ranking.artifact import build_model, export_artifact, warm_start
+from ranking.artifact import export_artifact
 from ranking.config import ModelConfig
-from ranking.data import RankingDataModule, load_features
-from ranking.evaluate import evaluate, split_table
-from ranking.module import RankingModule
-from ranking.sharding import TorchRecStrategy
+from ranking.train import FitConfig, FitResult, LossConfig, OptimConfig, RankingModule, fit, load_features
 
 log = logging.getLogger("pipelines.train")
 MODELS = ("mmoe", "ple", "omoe", "shared_bottom", "single_task")
@@ -51,30 +47,31 @@ class TrainConfig:
     out: Path
     tracking_uri: str
     model: str = "mmoe"
-    epochs: int = 2
-    batch_size: int = 1024
-    lr: float = 2e-3
-    weight_decay: float = 0.0  # on dense layers only
-    embedding_lr: float | None = None  # lr of the embedding tables; None = lr (Adam), 0.05 (torchrec fused)
-    embedding_weight_decay: float = 0.0  # decoupled (AdamW-style) decay of every embedding row, every step
-    embedding_l2: float = 0.0  # L2 on the embedding rows each batch looks up (each distinct row once)
-    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1  # multi-node DDP: launch one process per device on every node (torchrun, SLURM)
-    strategy: str = "auto"  # "ddp" (gloo on CPU, nccl on GPU) or "torchrec" (sharded embedding tables)
-    sharding_type: str | None = None  # torchrec: force table_wise, row_wise, ...; None = TorchRec's planner
-    embedding_optimizer: str = "rowwise_adagrad"  # torchrec: fused optimizer of the tables
-    precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
-    monitor: str = "val/loss"  # selection and early-stopping metric
-    monitor_mode: Literal["min", "max"] = "min"
-    early_stopping_patience: int = 0  # 0 = off
+    # How to train: ranking.train's FitConfig, OptimConfig and LossConfig (their defaults, defined there once).
+    epochs: int = FitConfig.epochs
+    batch_size: int = FitConfig.batch_size
+    lr: float = OptimConfig.lr
+    weight_decay: float = OptimConfig.weight_decay  # on dense layers only
+    embedding_lr: float | None = OptimConfig.embedding_lr  # None = lr (Adam), 0.05 (torchrec fused)
+    embedding_weight_decay: float = OptimConfig.embedding_weight_decay  # decoupled, every row, every step
+    embedding_l2: float = LossConfig.embedding_l2  # L2 on the embedding rows each batch looks up
+    loss_weighting: Literal["fixed", "uncertainty"] = LossConfig.weighting
+    seed: int = FitConfig.seed
+    accelerator: str = FitConfig.accelerator
+    devices: int | str = FitConfig.devices
+    num_nodes: int = FitConfig.num_nodes  # multi-node DDP: one process per device on every node
+    strategy: str = FitConfig.strategy  # "ddp" (gloo on CPU, nccl on GPU) or "torchrec" (sharded tables)
+    sharding_type: str | None = FitConfig.sharding_type  # torchrec: table_wise, row_wise, ...; None = planner
+    embedding_optimizer: str = FitConfig.embedding_optimizer  # torchrec: fused optimizer of the tables
+    precision: str | None = FitConfig.precision  # None: bf16-mixed on GPU, 32-true on CPU
+    monitor: str = FitConfig.monitor  # selection and early-stopping metric
+    monitor_mode: Literal["min", "max"] = FitConfig.monitor_mode
+    early_stopping_patience: int = FitConfig.early_stopping_patience  # 0 = off
     resume: bool = False  # continue from out/checkpoints/last.ckpt when it exists
     experiment: str = "ranker"
     register_as: str | None = "ranker"
     alias: str | None = None  # no alias moves unless asked: the pipeline's gates move the champion
-    limit_train_batches: int | float = 1.0
+    limit_train_batches: int | float = FitConfig.limit_train_batches
     progress_bar: bool = True  # a bar when stderr is a terminal; a log line per epoch (rows/s) either way
     init_from: Path | None = None  # warm start: an inference artifact folder (e.g. the champion's)
     run_name: str | None = None  # None: <dataset>-<model>-<UTC yyyymmdd-hhmm>, e.g. kuairand-mmoe-20261202-1403
@@ -84,12 +81,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown --model {self.model!r}; available: {list(MODELS)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.monitor_mode not in ("min", "max"):
-            raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
+        self.fit_config()  # every training field checked where it is defined
+
+    def fit_config(self) -> FitConfig:
+        """The training fields as ``ranking.train.fit`` takes them."""
+        return FitConfig(
+            epochs=self.epochs, batch_size=self.batch_size,
+            optim=OptimConfig(lr=self.lr, weight_decay=self.weight_decay, embedding_lr=self.embedding_lr,
+                              embedding_weight_decay=self.embedding_weight_decay),
+            loss=LossConfig(weighting=self.loss_weighting, embedding_l2=self.embedding_l2),
+            seed=self.seed, accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
+            strategy=self.strategy, sharding_type=self.sharding_type, embedding_optimizer=self.embedding_optimizer,
+            precision=self.precision, monitor=self.monitor, monitor_mode=self.monitor_mode,
+            early_stopping_patience=self.early_stopping_patience, limit_train_batches=self.limit_train_batches,
+            progress_bar=True,  # the Progress callback: a bar at a terminal, log lines otherwise
+        )
 
 
 @dataclass(frozen=True)
@@ -139,21 +145,14 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return data, {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
 
 
-def _precision(accelerator: str, precision: str | None) -> str:
-    if precision is not None:
-        return precision
-    gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
-
-
-class GateHeatmaps(Callback):
+class GateHeatmaps(L.Callback):
     """After each validation pass, log the task x expert gate heatmap to the MLflow run."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        health = getattr(module, "last_gate_health", None)
+        health = module.last_gate_health if isinstance(module, RankingModule) else None
         if health is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         path = gate_heatmap(health, self.out / f"gates_epoch_{trainer.current_epoch:03d}.png",
@@ -251,24 +250,8 @@ def default_run_name(dataset: str, model: str, now: datetime | None = None) -> s
     return f"{dataset}-{model}-{(now or datetime.now(UTC)):%Y%m%d-%H%M}"
 
 
-SHARDED_EMBEDDING_LR = 0.05  # the fused row-wise Adagrad default when embedding_lr is unset
-
-
-def _strategy(cfg: TrainConfig) -> str | TorchRecStrategy:
-    """Lightning's strategy name, or the TorchRec sharding strategy for ``strategy="torchrec"``."""
-    if cfg.strategy != "torchrec":
-        return cfg.strategy
-    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    return TorchRecStrategy(
-        sharding_type=cfg.sharding_type,
-        embedding_optimizer=cfg.embedding_optimizer,
-        embedding_lr=cfg.embedding_lr if cfg.embedding_lr is not None else SHARDED_EMBEDDING_LR,
-        process_group_backend="nccl" if gpu else "gloo",
-    )
-
-
 def train(cfg: TrainConfig) -> TrainResult:
-    """Fit, select the best epoch, export the artifact, log everything to MLflow, register the version.
+    """Fit (``ranking.train.fit``), export the artifact, log everything to MLflow, register the version.
 
     The MLflow run is named (``cfg.run_name``, else :func:`default_run_name`), records the training
     data as dataset inputs and, with ``psutil`` installed, the machine's load; an error anywhere
@@ -277,31 +260,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     quiet.install()
     start = time.perf_counter()
     uri = check_tracking_uri(cfg.tracking_uri)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     fitted = load_features(cfg.features)
     mconf = ModelConfig.from_fitted(fitted, model=cfg.model, **cfg.model_overrides)
-    data = RankingDataModule(cfg.features, mconf, cfg.batch_size, cfg.seed)
-    network = build_model(mconf)
-    if cfg.init_from is not None:
-        copied = warm_start(network, fitted, cfg.init_from)
-        log.info("warm start from %s: %s", cfg.init_from, copied)
-    module = RankingModule(network, mconf, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           loss_weighting=cfg.loss_weighting, seed=cfg.seed, embedding_lr=cfg.embedding_lr,
-                           embedding_weight_decay=cfg.embedding_weight_decay, embedding_l2=cfg.embedding_l2)
 
     ensure_experiment(uri, cfg.experiment)
     out = Path(cfg.out)
     last = out / "checkpoints" / "last.ckpt"
     run_id_file = out / "mlflow_run_id"
     resuming = cfg.resume and last.is_file()
-    # Named here: MLflow's own random name would come from the generator seeded above, the same every run.
+    # Named here: MLflow's own random name would come from Python's generator, which fit seeds the same every run.
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
                           run_name=cfg.run_name or default_run_name(fitted.spec.name, cfg.model),
                           tags=dict(cfg.run_tags) or None,
                           run_id=run_id_file.read_text().strip() if resuming and run_id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank != 0:  # type: ignore[attr-defined]  # other processes of a distributed run log nothing
-        return _fit_and_export(cfg, fitted, mconf, module, data, logger, resuming, start)
+        return _fit_and_export(cfg, mconf, logger, resuming, start)
     run_id = str(logger.run_id)  # creates the run (or finds the resumed one)
     run_id_file.write_text(run_id)
     client = logger.experiment
@@ -321,7 +295,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             )
             log_datasets(client, run_id, feature_splits(cfg.features, fitted.spec.name, fitted.content_hash))
         monitor = system_metrics(run_id, uri, resume=resuming)
-        result = _fit_and_export(cfg, fitted, mconf, module, data, logger, resuming, start)
+        result = _fit_and_export(cfg, mconf, logger, resuming, start)
         if monitor is not None:
             monitor.finish()
             monitor = None
@@ -334,94 +308,46 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise
 
 
-def _fit_and_export(
-    cfg: TrainConfig, fitted: Any, mconf: ModelConfig, module: RankingModule, data: RankingDataModule,
-    logger: MLFlowLogger, resuming: bool, start: float,
-) -> TrainResult:
-    """The Lightning fit, then (on rank 0) the final evaluation, the artifact and the registered version."""
+def _fit_and_export(cfg: TrainConfig, mconf: ModelConfig, logger: MLFlowLogger, resuming: bool,
+                    start: float) -> TrainResult:
+    """``ranking.train.fit``, then (on rank 0) the final metrics, the artifact and the registered version."""
     out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    best = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, monitor=cfg.monitor, mode=cfg.monitor_mode,
-                           filename="best-{epoch:03d}")
     bar = cfg.progress_bar and sys.stderr.isatty()
-    callbacks: list[Callback] = [best, GateHeatmaps(out / "plots"), Progress(bar=bar)]
-    if cfg.early_stopping_patience > 0:
-        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode,
-                                       patience=cfg.early_stopping_patience))
-    precision = _precision(cfg.accelerator, cfg.precision)
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=_strategy(cfg),
-        precision=precision,  # type: ignore[arg-type]
-        logger=logger,
-        callbacks=callbacks,
-        deterministic=True,
-        use_distributed_sampler=False,  # the data module shards its own epoch-seeded batches
-        # None is Lightning's "all batches" without its line announcing that all batches will be used
-        limit_train_batches=None if cfg.limit_train_batches == 1.0 else cfg.limit_train_batches,
-        log_every_n_steps=50,
-        enable_model_summary=False,
-        enable_progress_bar=True,  # the Progress callback: a bar at a terminal, log lines otherwise
-        default_root_dir=out,
-    )
-    if trainer.is_global_zero:  # in place of Lightning's device banner, which quiet.install() drops
-        device = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
-        log.info("training %s on %s rows of %s: %d epoch(s), batch %d, %s x%d, %s%s", cfg.model, f"{fitted.rows:,}",
-                 fitted.spec.name, cfg.epochs, cfg.batch_size, device, trainer.world_size, precision,
-                 ", resuming from the last checkpoint" if resuming else "")
-    trainer.fit(module, datamodule=data, ckpt_path="last" if resuming else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-    best_epoch = None
-    if isinstance(trainer.strategy, TorchRecStrategy):
-        # The tables are still sharded across the processes; checkpoints hold full tensors, so the
-        # selected weights load into a fresh unsharded model that rank 0 can evaluate and export.
-        module.model = build_model(mconf)
-        if not best.best_model_path:
-            raise RuntimeError("a sharded run needs a checkpoint to export from; none was written")
-        if trainer.is_global_zero:
-            (out / "sharding_plan.txt").write_text(trainer.strategy.plan_text)
-            logger.experiment.log_artifact(str(logger.run_id), str(out / "sharding_plan.txt"))
-    if best.best_model_path:
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-        best_epoch = int(Path(best.best_model_path).stem.split("epoch=")[-1])
-        metrics["best_epoch"] = float(best_epoch)
-    if not trainer.is_global_zero:
-        return TrainResult("", out / "artifact", metrics, None, time.perf_counter() - start, best_epoch, False)
-
+    result: FitResult = fit(cfg.features, mconf, cfg.fit_config(), out=out, logger=logger,
+                            callbacks=[GateHeatmaps(out / "plots"), Progress(bar=bar)],
+                            init_from=cfg.init_from, resume=resuming)
+    metrics = result.metrics
+    if not result.primary:
+        return TrainResult("", out / "artifact", metrics, None, time.perf_counter() - start, result.best_epoch,
+                           False)
     run_id = str(logger.run_id)
-    # Final evaluation of the selected weights on every split there is: the full metric set.
-    final: dict[str, float] = {}
-    for split in ("val", "test"):
-        if (Path(cfg.features) / f"{split}.parquet").is_file():
-            table = split_table(cfg.features, split, mconf, fitted)
-            final.update(evaluate(module.model.cpu(), table, mconf, f"final/{split}"))
-    finite = {k: v for k, v in final.items() if v == v}  # MLflow rejects NaN metrics
-    logger.experiment.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in finite.items()])
-    metrics.update(final)
+    client = logger.experiment
+    if result.sharding_plan is not None:
+        (out / "sharding_plan.txt").write_text(result.sharding_plan)
+        client.log_artifact(run_id, str(out / "sharding_plan.txt"))
+    # The final evaluation of the selected weights (fit's final/<split>/... metrics); MLflow rejects NaN.
+    final = {k: v for k, v in metrics.items() if k.startswith("final/") and v == v}
+    client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in final.items()])
     artifact = export_artifact(
-        module.model,
+        result.model,
         mconf,
-        fitted,
+        result.fitted,
         out / "artifact",
-        {"model_name": cfg.register_as or "", "run_id": run_id, "metrics": metrics, "best_epoch": best_epoch},
+        {"model_name": cfg.register_as or "", "run_id": run_id, "metrics": metrics, "best_epoch": result.best_epoch},
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    client = logger.experiment
     client.log_artifacts(run_id, str(artifact), artifact_path="model")
     client.log_artifact(run_id, str(out / "metrics.json"))
     version = None
+    window = result.fitted.window
     if cfg.register_as:
         how = {"made_by": "ranker train", "gates": "not run",
                "promoted": f"true ({cfg.alias}, by ranker train, no gates)" if cfg.alias else "false"}
         mv = register_artifact(
             cfg.tracking_uri, run_id, "model", cfg.register_as, cfg.alias,
-            description=f"{cfg.model} trained on {fitted.window.get('start')}..{fitted.window.get('end')}",
+            description=f"{cfg.model} trained on {window.get('start')}..{window.get('end')}",
             tags=how,
         )
         version = str(mv.version)
         client.set_tag(run_id, "registered_version", version)
-    return TrainResult(run_id, artifact, metrics, version, time.perf_counter() - start, best_epoch)
+    return TrainResult(run_id, artifact, metrics, version, time.perf_counter() - start, result.best_epoch)

@@ -3,8 +3,8 @@
 ``MMoE`` is the default; ``SingleTask``, ``SharedBottom``, ``OMoE`` and ``PLE`` share its front and
 output parts (``ranking.models``); ``build_model`` picks one from a config.
 
-Importing ``ranking`` does not import Lightning; the training parts live in ``ranking.module`` and
-``ranking.data``, the inference parts in ``ranking.inference``.
+Importing ``ranking`` does not import Lightning; training lives in ``ranking.train`` (``fit``), the
+inference parts in ``ranking.inference``.
 """
 
 from ranking.config import GateConfig, ModelConfig, SparseSlot, TaskHead

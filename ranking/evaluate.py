@@ -12,16 +12,7 @@ from features.fitted import FittedTransform
 from ranking.batch import FeatureTable
 from ranking.config import ModelConfig
 from ranking.metrics import SplitMetrics, ndcg_at_k
-
-
-def combined_score(logits: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
-    """The serving score from logits (B,) per task: ``sum_t w_t * sign_t * score_t`` (see ranking.inference)."""
-    total = torch.zeros_like(next(iter(logits.values())), dtype=torch.float64)
-    for t in config.tasks:
-        x = logits[t.name].double()
-        score = torch.sigmoid(x) if t.type == "binary" else x
-        total += t.serving_weight * (1.0 if t.higher_is_better else -1.0) * score
-    return total
+from ranking.scores import combined_score, task_scores
 
 
 def split_table(features_dir: str | Path, split: str, config: ModelConfig, fitted: FittedTransform) -> FeatureTable:
@@ -55,8 +46,7 @@ def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix:
     for start in range(0, len(table), batch_size):
         b = table.batch(torch.arange(start, min(start + batch_size, len(table))))
         out = model(b.sparse, b.dense, b.position)
-        preds = {t.name: torch.sigmoid(out.logits[t.name].float()) if t.type == "binary" else out.logits[t.name]
-                 for t in config.tasks}
+        preds = task_scores(out.logits, config.tasks)  # what serving scores, task by task
         metrics.update(preds, b.labels, b.masks, b.extra.get("user"))
         if keep is not None:
             for t in config.tasks:
@@ -64,7 +54,7 @@ def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix:
         if "request" in b.extra and first_binary is not None:
             served = model(b.sparse, b.dense, None) if b.position is not None else out
             ranking["request"].append(b.extra["request"])
-            ranking["score"].append(combined_score(served.logits, config))
+            ranking["score"].append(combined_score(task_scores(served.logits, config.tasks), config.tasks))
             ranking["combined"].append(b.labels[first_binary])
             if "true_relevance" in b.extra:
                 ranking["true"].append(b.extra["true_relevance"])

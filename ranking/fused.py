@@ -44,6 +44,7 @@ from features.plan import EncodedBatch, ServingPlan
 from ranking.blocks import MLP
 from ranking.mmoe import MMoE
 from ranking.models import RankingModel
+from ranking.scores import binary_mask
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class FusedScorer(nn.Module):
         self._compiled: Callable[..., torch.Tensor] | None = None
         self.model = model.eval()
         self.tasks = [t.name for t in cfg.tasks]
-        self.register_buffer("binary", torch.tensor([t.type == "binary" for t in cfg.tasks]).unsqueeze(1))
+        self.register_buffer("binary", binary_mask(cfg.tasks))  # (T, 1): ranking.scores' sigmoid rows
         # config-order front columns: embeddings of config.sparse, then config.dense
         starts, at = {}, 0
         for s in cfg.sparse:

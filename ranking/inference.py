@@ -36,6 +36,7 @@ from features.plan import ServingPlan
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 from ranking.fused import FusedScorer
+from ranking.scores import combined_score, serving_weights, task_scores
 
 log = logging.getLogger("ranking")
 COMPILE_CACHE = "~/.cache/mmoe-ranker/compiled"  # compiled serving networks, one file per artifact and code
@@ -55,9 +56,7 @@ class InferenceModel:
         self.path = Path(path)
         self.model, self.config, self.fitted, self.metadata = load_artifact(path)
         self.tasks = [t.name for t in self.config.tasks]
-        self.default_weights: dict[str, float] = {t.name: t.serving_weight for t in self.config.tasks}
-        self._sign = {t.name: (1.0 if t.higher_is_better else -1.0) for t in self.config.tasks}
-        self._binary = {t.name for t in self.config.tasks if t.type == "binary"}
+        self.default_weights: dict[str, float] = serving_weights(self.config.tasks)
         self.plan = ServingPlan.from_fitted(self.fitted)  # lookup tables, cut points, formulas: once
         self.scorer = FusedScorer(self.model, self.plan)  # weights rearranged for serving: once
         self.compiled = False
@@ -138,11 +137,7 @@ class InferenceModel:
         """Model-ready rows (from the fitted transform) -> task -> (N,) scores."""
         batch = FeatureTable(frame.drop("position", strict=False), self.config).all()
         out = self.model(batch.sparse, batch.dense, None)
-        scores = {}
-        for t, logit in out.logits.items():
-            x = torch.sigmoid(logit) if t in self._binary else logit
-            scores[t] = x.float().numpy()
-        return scores
+        return {t: s.float().numpy() for t, s in task_scores(out.logits, self.config.tasks).items()}
 
     def score_request(
         self, user: dict[str, Any], context: dict[str, Any], candidates: dict[str, Any]
@@ -194,23 +189,13 @@ class InferenceModel:
         return _split(self.tasks, np.stack([scores[t] for t in self.tasks]), sizes)
 
     def combine(self, scores: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
-        """Weighted sum of objective scores; ``weights`` override the defaults per task.
+        """The combined score (``ranking.scores.combined_score``) of task scores; ``weights`` override
+        the serving weights per task.
 
         Raises:
             ValueError: unknown objective name or a negative / non-finite weight.
         """
-        w = dict(self.default_weights)
-        for name, value in (weights or {}).items():
-            if name not in w:
-                raise ValueError(f"unknown objective {name!r}; known: {self.tasks}")
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"objective weight for {name!r} must be finite and >= 0, got {value}")
-            w[name] = float(value)
-        n = len(next(iter(scores.values())))
-        total = np.zeros(n, dtype=np.float64)
-        for t in self.tasks:
-            total += w[t] * self._sign[t] * scores[t].astype(np.float64)  # float32 * 1e39 would overflow
-        return total
+        return combined_score(scores, self.config.tasks, weights)
 
 
 def _split(tasks: list[str], scores: np.ndarray, sizes: np.ndarray) -> list[dict[str, np.ndarray]]:

@@ -224,7 +224,7 @@ def _paths(root: Path, small_log: Path, small_features: Path) -> dict[str, str]:
 
     from ranking.artifact import build_model, export_artifact
     from ranking.config import ModelConfig
-    from ranking.data import load_features
+    from ranking.train.data import load_features
 
     fitted = load_features(small_features)
     config = ModelConfig.from_fitted(fitted, bottom_dims=(8,), expert_dims=(8,), tower_dims=(4,))

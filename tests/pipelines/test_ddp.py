@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ranking.data import EpochBatchSampler
+from ranking.train.data import EpochBatchSampler
 
 RANKER = str(Path(sys.executable).parent / "ranker")
 

@@ -248,7 +248,7 @@ def test_the_terminal_shows_steps_and_epochs_not_framework_banners(tmp_path: Pat
     assert sum("step 4/8: train" in ln for ln in lines) == 2
     assert sum(bool(re.search(r"pipelines.train: epoch 1/1: \d+ steps, [\d,]+ rows in .* rows/s", ln))
                for ln in lines) == 2
-    assert sum("pipelines.train: training mmoe on" in ln for ln in lines) == 2  # in place of the device banner
+    assert sum("ranking.train: training mmoe on" in ln for ln in lines) == 2  # in place of the device banner
     assert any("champion: ranker version 1, fetched to" in ln for ln in lines)
     assert sum("MLflow runs list: http://" in ln for ln in lines) == 2
 

@@ -186,7 +186,7 @@ def test_a_failed_start_ends_the_run_failed_and_a_resume_clears_the_error(
     assert failed.data.tags["error"] == "ConnectionError: tracking server went away"
 
     monkeypatch.undo()
-    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+    with caplog.at_level(logging.INFO, logger="pipelines.train"), caplog.at_level(logging.INFO, logger="ranking.train"):
         resumed = train(TrainConfig(epochs=2, resume=True, **common))
     assert resumed.run_id == first.run_id
     done = client.get_run(first.run_id)

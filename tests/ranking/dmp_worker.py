@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, sharding_type: str, out: str) -> N
 
     from ranking.artifact import build_model
     from ranking.config import ModelConfig, SparseSlot, TaskHead
-    from ranking.sharding import copy_into_shards, full_state_dict
+    from ranking.train.sharding import copy_into_shards, full_state_dict
 
     cfg = ModelConfig(
         sparse=(SparseSlot("user", 50, 4), SparseSlot("item", 80, 4), SparseSlot("tags", 30, 4, "mean", True, 3)),

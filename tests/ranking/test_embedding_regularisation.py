@@ -11,8 +11,7 @@ from torchrec import KeyedJaggedTensor
 
 from ranking.artifact import build_model
 from ranking.config import ModelConfig, SparseSlot, TaskHead
-from ranking.data import RankingDataModule, load_features
-from ranking.module import RankingModule, touched_rows_l2
+from ranking.train import LossConfig, OptimConfig, RankingDataModule, RankingModule, load_features, touched_rows_l2
 
 TASK = (TaskHead("click", "binary", "engagement"),)
 
@@ -47,8 +46,8 @@ def test_touched_rows_l2_gradient_reaches_only_touched_rows() -> None:
 
 
 def test_optimizer_groups_carry_embedding_settings() -> None:
-    module = RankingModule(build_model(_cfg()), _cfg(), lr=1e-3, weight_decay=1e-4, embedding_lr=5e-4,
-                           embedding_weight_decay=0.5)
+    module = RankingModule(build_model(_cfg()), _cfg(), OptimConfig(lr=1e-3, weight_decay=1e-4, embedding_lr=5e-4,
+                                                                    embedding_weight_decay=0.5))
     opt = module.configure_optimizers()
     dense, emb = opt.param_groups
     assert (dense["lr"], dense["weight_decay"], dense["decoupled_weight_decay"]) == (1e-3, 1e-4, False)
@@ -58,26 +57,27 @@ def test_optimizer_groups_carry_embedding_settings() -> None:
 
 
 def test_defaults_leave_embeddings_unregularised() -> None:
-    opt = RankingModule(build_model(_cfg()), _cfg(), lr=2e-3).configure_optimizers()
+    opt = RankingModule(build_model(_cfg()), _cfg(), OptimConfig(lr=2e-3)).configure_optimizers()
     emb = opt.param_groups[1]
     assert (emb["lr"], emb["weight_decay"]) == (2e-3, 0.0)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"embedding_lr": 0.0}, "embedding_lr"), ({"embedding_l2": -1.0}, "embedding_l2"),
-     ({"embedding_weight_decay": float("nan")}, "embedding_weight_decay")],
+    ("make", "match"),
+    [(lambda: OptimConfig(embedding_lr=0.0), "embedding_lr"), (lambda: LossConfig(embedding_l2=-1.0), "embedding_l2"),
+     (lambda: OptimConfig(embedding_weight_decay=float("nan")), "embedding_weight_decay"),
+     (lambda: OptimConfig(lr=0.0), "lr must be > 0")],
 )
-def test_bad_settings_are_refused(kwargs: dict[str, float], match: str) -> None:
+def test_bad_settings_are_refused(make: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        RankingModule(build_model(_cfg()), _cfg(), **kwargs)  # type: ignore[arg-type]
+        make()  # type: ignore[operator]
 
 
-def _embedding_norm(features: Path, **kwargs: float) -> tuple[float, float]:
+def _embedding_norm(features: Path, embedding_l2: float = 0.0) -> tuple[float, float]:
     """(norm of the trained embedding tables, their OOV rows' change) after one epoch."""
     L.seed_everything(0, verbose=False)
     cfg = ModelConfig.from_fitted(load_features(features), bottom_dims=(32,), expert_dims=(16,), tower_dims=(8,))
-    module = RankingModule(build_model(cfg), cfg, lr=5e-3, **kwargs)
+    module = RankingModule(build_model(cfg), cfg, OptimConfig(lr=5e-3), LossConfig(embedding_l2=embedding_l2))
     before = {n: p.detach().clone() for n, p in module.model.embeddings.named_parameters()}
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)

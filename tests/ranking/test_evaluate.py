@@ -6,8 +6,9 @@ import torch
 from features.fitted import FittedTransform
 from ranking.artifact import build_model
 from ranking.config import ModelConfig
-from ranking.evaluate import combined_score, evaluate, split_table
+from ranking.evaluate import evaluate, split_table
 from ranking.metrics import auc
+from ranking.scores import combined_score, task_scores
 
 
 def test_evaluate_reports_every_metric_and_matches_direct_computation(small_features: Path) -> None:
@@ -34,5 +35,6 @@ def test_combined_score_signs() -> None:
     cfg = ModelConfig(sparse=(SparseSlot("u", 3, 2),), dense=(), tasks=(
         TaskHead("click", "binary", "engagement", serving_weight=2.0),
         TaskHead("dismiss", "binary", "satisfaction", serving_weight=1.0, higher_is_better=False)))
-    s = combined_score({"click": torch.zeros(2), "dismiss": torch.tensor([0.0, 100.0])}, cfg)
+    logits = {"click": torch.zeros(2), "dismiss": torch.tensor([0.0, 100.0])}
+    s = combined_score(task_scores(logits, cfg.tasks), cfg.tasks)
     np.testing.assert_allclose(s.numpy(), [2 * 0.5 - 0.5, 2 * 0.5 - 1.0])

@@ -18,11 +18,11 @@ from torch import nn
 from ranking.artifact import build_model
 from ranking.blocks import Experts
 from ranking.config import ModelConfig
-from ranking.data import RankingDataModule, load_features
 from ranking.gate_health import GateStats, expert_spread
 from ranking.gating import Gate
-from ranking.losses import task_loss
 from ranking.models import RankingModel
+from ranking.train.data import RankingDataModule, load_features
+from ranking.train.loss import task_loss
 
 
 def test_uniform_and_one_hot_gates() -> None:

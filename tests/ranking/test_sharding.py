@@ -1,4 +1,4 @@
-"""TorchRec sharding of the embedding tables (``ranking.sharding``), on CPU with two gloo processes."""
+"""TorchRec sharding of the embedding tables (``ranking.train.sharding``), on CPU with two gloo processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ranking.sharding import TorchRecStrategy
+from ranking.train.sharding import TorchRecStrategy
 
 WORKER = Path(__file__).with_name("dmp_worker.py")
 

@@ -15,7 +15,7 @@ transform of the raw rows sent) go through :func:`ranking.evaluate.split_table` 
 * every holdout row is scored exactly once, mapped back by the candidate's ``index`` (duplicate
   video ids within a request are told apart that way) and checked against its item id;
 * per row, every task's served probability is within 1e-5 of the offline one (and the combined
-  score within 1e-5 of :func:`ranking.evaluate.combined_score`);
+  score within 1e-5 of :func:`ranking.scores.combined_score`);
 * per task, :func:`ranking.metrics.auc` of the served scores equals the offline AUC within 1e-6.
 """
 
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import lightning as L
 import numpy as np
 import polars as pl
 import pytest
@@ -39,12 +38,12 @@ from features.fitted import FittedTransform
 from features.spec import FeatureSpec, load_spec
 from protos.ranking.v1 import ranker_pb2 as pb
 from protos.ranking.v1 import ranker_pb2_grpc as pb_grpc
-from ranking.artifact import build_model, export_artifact
+from ranking.artifact import export_artifact
 from ranking.config import ModelConfig
-from ranking.data import RankingDataModule, load_features
-from ranking.evaluate import combined_score, evaluate, split_table
+from ranking.evaluate import evaluate, split_table
 from ranking.metrics import auc
-from ranking.module import RankingModule
+from ranking.scores import combined_score, task_scores
+from ranking.train import FitConfig, OptimConfig, fit, load_features
 from serving.client import build_request, read_ranking
 
 from .conftest import BackgroundServer
@@ -108,13 +107,9 @@ def trained(data: Path, spec: FeatureSpec, tmp_path_factory: pytest.TempPathFact
     build(scan(data), spec, root / "features")
     fitted = load_features(root / "features")
     config = ModelConfig.from_fitted(fitted, bottom_dims=(64,), expert_dims=(32,), tower_dims=(16,), num_experts=2)
-    L.seed_everything(0, verbose=False)
-    module = RankingModule(build_model(config), config, lr=5e-3)
-    trainer = L.Trainer(max_steps=TRAIN_STEPS, limit_val_batches=0, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        deterministic=True)  # fmt: skip
-    trainer.fit(module, datamodule=RankingDataModule(root / "features", config, batch_size=1024, seed=0))
-    model = module.model.eval()
+    trained = fit(root / "features", config, FitConfig(epochs=1, limit_train_batches=TRAIN_STEPS, validate=False,
+                                                       final_eval=False, optim=OptimConfig(lr=5e-3), accelerator="cpu"))
+    model = trained.model.eval()
     artifact = export_artifact(model, config, fitted, root / "artifact", {"model_name": "ranker", "model_version": "1"})
     return Trained(root / "features", fitted, config, model, artifact)
 
@@ -147,7 +142,7 @@ def offline(trained: Trained, holdout: Holdout, tmp_path_factory: pytest.TempPat
     return Offline(
         probs={t: torch.cat([p for p, _, _ in parts]).double().numpy() for t, parts in keep.items()},
         labels={t: torch.cat([y for _, y, _ in parts]).numpy() for t, parts in keep.items()},
-        combined=combined_score(logits, trained.config).numpy(),
+        combined=combined_score(task_scores(logits, trained.config.tasks), trained.config.tasks).numpy(),
         metrics=metrics,
     )
 

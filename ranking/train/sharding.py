@@ -42,7 +42,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-log = logging.getLogger("ranking.sharding")
+log = logging.getLogger("ranking.train.sharding")
 
 EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,

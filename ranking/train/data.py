@@ -124,12 +124,3 @@ class RankingDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader[Batch]:
         return self._loader("val", shuffle=False)
-
-    def split_loader(self, split: str) -> DataLoader[Batch]:
-        """An in-order loader over any loaded split (for final evaluation)."""
-        if split not in self.tables:
-            path = self.dir / f"{split}.parquet"
-            if not path.is_file():
-                raise ValueError(f"features folder {str(self.dir)!r} lacks {split}.parquet")
-            self.tables[split] = FeatureTable(pl.read_parquet(path), self.config)
-        return self._loader(split, shuffle=False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,14 +11,13 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.regression import MeanSquaredError
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from ranking.batch import Batch
 from ranking.config import ModelConfig
 from ranking.gate_health import GateHealth, GateStats
-from ranking.losses import task_loss
-
-LossWeighting = Literal["fixed", "uncertainty"]
+from ranking.models import ModelOutput
+from ranking.scores import task_score
+from ranking.train.loss import LossConfig, MultiTaskLoss
 
 
 def _task_metrics(config: ModelConfig) -> MetricCollection:
@@ -30,42 +30,30 @@ def _task_metrics(config: ModelConfig) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-def touched_rows_l2(model: nn.Module, sparse: KeyedJaggedTensor) -> torch.Tensor:
-    """Sum of squared embedding rows looked up in this batch, each distinct row counted once.
-
-    The sparse counterpart of L2 weight decay: only rows a batch touches are penalised, when they
-    are touched, so rows never seen (the OOV row 0) keep their initial value and the rule ports to
-    TorchRec's fused row-wise optimisers. Since every distinct row pays the same price however
-    often it occurs, while its data gradient grows with its frequency, rare ids (most users and
-    videos) are pulled to zero hardest: the ones that overfit first.
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser of the dense layers and the embedding tables (Adam, two parameter groups).
 
     Args:
-        model: any module holding ``EmbeddingBagCollection``s (every one is searched).
-        sparse: the batch's ids; keys are feature names of those collections.
-
-    Returns:
-        A scalar: ``sum_tables sum_{r in unique ids} ||W[r]||^2``.
-
-    Example:
-        >>> from torchrec import EmbeddingBagConfig
-        >>> ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=2,
-        ...     num_embeddings=4, feature_names=["f"])], device=torch.device("cpu"))
-        >>> with torch.no_grad():
-        ...     _ = ebc.embedding_bags["t"].weight.copy_(torch.arange(8.0).view(4, 2))
-        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([1, 1, 3]), torch.tensor([1, 1, 1]))
-        >>> float(touched_rows_l2(ebc, kjt).detach())  # rows 1 and 3: (4 + 9) + (36 + 49)
-        98.0
+        lr, weight_decay: Adam settings of the dense layers (weight decay never on embeddings).
+        embedding_lr: Adam learning rate of the embedding tables; None = ``lr``.
+        embedding_weight_decay: decoupled (AdamW-style) weight decay of the embedding tables: every
+            row shrinks by ``lr * wd`` per step, touched or not. 0 = off.
     """
-    total = torch.zeros(())
-    present = set(sparse.keys())
-    for ebc in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
-        for table in ebc.embedding_bag_configs():
-            weight = ebc.embedding_bags[table.name].weight  # (rows, D)
-            for feature in table.feature_names:
-                if feature in present:
-                    rows = torch.unique(sparse[feature].values())  # (R,) distinct ids of this batch
-                    total = total.to(weight.device) + weight[rows].pow(2).sum()
-    return total
+
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    embedding_lr: float | None = None
+    embedding_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            raise ValueError(f"embedding_lr must be > 0 or None, got {self.embedding_lr}")
+        for name in ("weight_decay", "embedding_weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class RankingModule(L.LightningModule):
@@ -74,44 +62,27 @@ class RankingModule(L.LightningModule):
     Args:
         model: the network (see ``ranking.artifact.build_model``).
         config: its config (tasks, loss weights, auxiliary-loss weight).
-        lr, weight_decay: Adam settings (weight decay on the dense layers only, never on embeddings).
-        embedding_lr: Adam learning rate of the embedding tables; None = ``lr``.
-        embedding_weight_decay: decoupled (AdamW-style) weight decay of the embedding tables: every
-            row shrinks by ``lr * wd`` per step, touched or not. 0 = off.
-        embedding_l2: weight of :func:`touched_rows_l2` added to the training loss (L2 on the rows
-            the batch looks up, each distinct row once). 0 = off.
-        loss_weighting: ``"fixed"`` uses the spec's loss weights; ``"uncertainty"`` learns one
-            log-variance per task (Kendall et al. 2018): ``sum_t exp(-s_t) * L_t + s_t``.
+        optim: the optimiser's settings (:class:`OptimConfig`).
+        loss: the loss's weighting and embedding L2 (``ranking.train.loss.LossConfig``; default fixed
+            weights, no L2).
+        seed: training randomness (dropout, gate noise) of step ``s`` of epoch ``e`` on rank ``r``
+            depends on ``(seed, e, s, r)`` only, so a resumed run replays an uninterrupted one.
 
     Logged keys follow ``<split>/<task>/<metric>`` (``val/click/auc``) plus ``<split>/loss``,
     ``<split>/<task>/loss``, ``val/auc_mean`` (mean AUC over binary tasks, the default selection
     metric) and gate health under ``val/gate/...``.
     """
 
-    def __init__(self, model: nn.Module, config: ModelConfig, lr: float = 2e-3, weight_decay: float = 0.0,
-                 loss_weighting: LossWeighting = "fixed", seed: int = 0, embedding_lr: float | None = None,
-                 embedding_weight_decay: float = 0.0, embedding_l2: float = 0.0):
+    def __init__(self, model: nn.Module, config: ModelConfig, optim: OptimConfig | None = None,
+                 loss: LossConfig | None = None, seed: int = 0):
         super().__init__()
-        if loss_weighting not in ("fixed", "uncertainty"):
-            raise ValueError(f"loss_weighting must be 'fixed' or 'uncertainty', got {loss_weighting!r}")
-        if embedding_lr is not None and not embedding_lr > 0:
-            raise ValueError(f"embedding_lr must be > 0 or None, got {embedding_lr}")
-        for name, value in (("embedding_weight_decay", embedding_weight_decay), ("embedding_l2", embedding_l2)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
         self.model = model
         self.config = config
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.embedding_lr = embedding_lr
-        self.embedding_weight_decay = embedding_weight_decay
-        self.embedding_l2 = embedding_l2
-        self.loss_weighting = loss_weighting
+        self.optim = optim or OptimConfig()
         self.seed = seed
-        self.log_vars = nn.Parameter(torch.zeros(len(config.tasks))) if loss_weighting == "uncertainty" else None
-        self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "loss_weighting": loss_weighting,
-                                   "embedding_lr": embedding_lr, "embedding_weight_decay": embedding_weight_decay,
-                                   "embedding_l2": embedding_l2, "model_config": config.to_dict()})
+        self.loss = MultiTaskLoss.for_model(config, loss)
+        self.save_hyperparameters({**asdict(self.optim), "loss_weighting": self.loss.config.weighting,
+                                   "embedding_l2": self.loss.config.embedding_l2, "model_config": config.to_dict()})
         self.train_metrics = _task_metrics(config).clone(prefix="train/")
         self.val_metrics = _task_metrics(config).clone(prefix="val/")
         self.gate_stats: GateStats | None = None
@@ -123,37 +94,27 @@ class RankingModule(L.LightningModule):
         return self.model(batch.sparse, batch.dense, batch.position)
 
     def _step(self, batch: Batch, split: str) -> torch.Tensor:
-        out = self(batch)
-        total = torch.zeros((), device=batch.dense.device)
+        out: ModelOutput = self(batch)
+        parts = self.loss.of_batch(out, batch, self.model if split == "train" else None)
         metrics = self.train_metrics if split == "train" else self.val_metrics
-        for i, t in enumerate(self.config.tasks):
+        for t in self.config.tasks:
             logit, y, m = out.logits[t.name], batch.labels[t.name], batch.masks[t.name]
-            loss = task_loss(t, logit, y, m)
-            if self.log_vars is not None:
-                total = total + torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
-            else:
-                total = total + t.loss_weight * loss
-            self._accumulate(split, f"{split}/{t.name}/loss", loss, len(batch))
+            self._accumulate(split, f"{split}/{t.name}/loss", parts.tasks[t.name], len(batch))
             if m.any():
-                pred = torch.sigmoid(logit.float()) if t.type == "binary" else logit.float()
+                pred = task_score(t, logit.float())  # the served score (a probability for binary tasks)
                 key = f"{split}/{t.name}/{'auc' if t.type == 'binary' else 'rmse'}"
                 target = y[m].long() if t.type == "binary" else y[m]
                 metrics[key].update(pred[m].detach(), target)
-        aux = getattr(out, "aux", None) or {}
-        balance_weight = float(getattr(self.config, "load_balance_weight", 0.0))
-        if "load_balance" in aux and balance_weight > 0:
-            total = total + balance_weight * aux["load_balance"]
-            self._accumulate(split, f"{split}/load_balance", aux["load_balance"], len(batch))
-        if split == "train" and self.embedding_l2 > 0:
-            penalty = touched_rows_l2(self.model, batch.sparse)
-            total = total + self.embedding_l2 * penalty
-            self._accumulate(split, "train/embedding_l2", penalty, len(batch))
-        if split == "val" and getattr(out, "gates", None) is not None:
+        if parts.load_balance is not None:
+            self._accumulate(split, f"{split}/load_balance", parts.load_balance, len(batch))
+        if parts.embedding_l2 is not None:
+            self._accumulate(split, "train/embedding_l2", parts.embedding_l2, len(batch))
+        if split == "val" and out.gates is not None:
             if self.gate_stats is None:
                 self.gate_stats = GateStats([t.name for t in self.config.tasks], out.gates.shape[-1])
             self.gate_stats.update(out.gates)
-        self._accumulate(split, f"{split}/loss", total, len(batch))
-        return total
+        self._accumulate(split, f"{split}/loss", parts.total, len(batch))
+        return parts.total
 
     def _accumulate(self, split: str, key: str, value: torch.Tensor, rows: int) -> None:
         """Add a per-batch mean to the split's running sums (logged as epoch means by ``_log_means``).
@@ -190,9 +151,9 @@ class RankingModule(L.LightningModule):
         self._log_means("train")
         self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
-        if self.log_vars is not None:
+        if self.loss.log_vars is not None:
             for i, t in enumerate(self.config.tasks):
-                self.log(f"train/{t.name}/log_var", self.log_vars[i].detach())
+                self.log(f"train/{t.name}/log_var", self.loss.log_vars[i].detach())
 
     def on_validation_epoch_end(self) -> None:
         self._log_means("val")
@@ -217,12 +178,13 @@ class RankingModule(L.LightningModule):
         emb = [p for n, p in named if ".embeddings." in f".{n}"]
         rest = [p for n, p in named if ".embeddings." not in f".{n}"]
         groups = [
-            {"params": rest, "weight_decay": self.weight_decay},
-            {"params": emb, "lr": self.embedding_lr or self.lr, "weight_decay": self.embedding_weight_decay,
+            {"params": rest, "weight_decay": self.optim.weight_decay},
+            {"params": emb, "lr": self.optim.embedding_lr or self.optim.lr,
+             "weight_decay": self.optim.embedding_weight_decay,
              "decoupled_weight_decay": True},  # coupled L2 under Adam would move every untouched row
         ]
         # The fused kernel (one pass over all parameters) is ~7x cheaper per step than the
         # per-parameter loop for the many small tensors of experts, gates and towers.
         fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                     for _, p in named)
-        return torch.optim.Adam([g for g in groups if g["params"]], lr=self.lr, fused=fused or None)
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=self.optim.lr, fused=fused or None)
