@@ -59,6 +59,8 @@ T = TypeVar("T")  # what a request submits (e.g. the model snapshot and the Rank
 R = TypeVar("R")  # what the batch function returns per request (e.g. a RankResponse)
 RECENT = 1024  # batches whose sizes BatcherStats keeps
 COST_DECAY = 0.95  # weight kept by older batches per new one in the cost fit (~20 batches of memory)
+COST_CLIP = 4.0  # a batch counts in the cost fit as at most this many times what the fit expected for it
+COST_CLIP_AFTER = 3  # batches measured before that cap applies
 GAP_ALPHA = 0.2  # weight of the newest inter-arrival gap in its EWMA
 OVERLAP_MIN = 0.5  # wait for others only while at least this share of recent arrivals overlapped
 # asyncio's selector rounds a timed wait up to whole milliseconds (epoll_wait takes ms) and the loop
@@ -182,7 +184,11 @@ class CostFit:
     intercept refits through the origin, a negative slope leaves a fixed cost only. When the
     batches seen are nearly all the same size (candidates spread under 10% of their mean, as
     under overload, where every batch is full), the two costs cannot be told apart and the cost is
-    taken as proportional to the candidates (``fixed_s`` 0).
+    taken as proportional to the candidates (``fixed_s`` 0). Once ``COST_CLIP_AFTER`` batches are
+    measured, a batch counts as at most ``COST_CLIP`` times what the fit expected of it: one stalled
+    batch (the host paused the process for a second) would otherwise multiply every estimate and
+    refuse requests that had plenty of time, while a real slowdown is still followed, within tens of
+    batches (the fit errs low meanwhile, which admits more, never refuses wrongly).
 
     Args:
         decay: weight kept by the older batches per new one, in (0, 1].
@@ -215,6 +221,10 @@ class CostFit:
     def add(self, n_candidates: int, seconds: float) -> None:
         """Add one measured batch: ``n_candidates`` candidates took ``seconds``."""
         d, x, y = self._decay, float(n_candidates), float(seconds)
+        if self._costs is not None and self._batches >= COST_CLIP_AFTER:
+            expected = self._costs.seconds(1, n_candidates)
+            if expected > 0.0:
+                y = min(y, COST_CLIP * expected)
         self._w = d * self._w + 1.0
         self._x = d * self._x + x
         self._y = d * self._y + y

@@ -19,6 +19,7 @@ import pytest
 
 from ranking.inference import InferenceModel
 from serving.batcher import (
+    COST_CLIP,
     OVERLAP_MIN,
     ArrivalGap,
     BatcherClosed,
@@ -253,7 +254,7 @@ def test_a_lone_cheap_request_runs_on_the_loop_thread_and_a_costly_or_queued_one
         for _ in range(5):  # one caller at a time: arrivals stop overlapping; measured cheap: the loop
             await batcher.submit(("cheap", 0.0), 1)
         await asyncio.gather(*(batcher.submit((f"burst{i}", 0.0), 1) for i in range(3)))  # together: the worker
-        for _ in range(3):  # a few slow ones teach the fit that a batch costs ~10 ms
+        for _ in range(20):  # slow ones teach the fit that a batch costs ~10 ms (each counts <= COST_CLIP x the fit)
             await batcher.submit(("slow", 0.01), 1)
         await batcher.close()
 
@@ -516,6 +517,23 @@ def test_cost_fit_recovers_exact_costs_and_stays_non_negative() -> None:
         n = [10, 300][i % 2]
         drift.add(n, (1 if i < 30 else 2) * 1e-4 * n)
     assert drift.costs is not None and drift.costs.per_candidate_s == pytest.approx(2e-4, rel=0.01)
+
+
+def test_one_stalled_batch_moves_the_cost_fit_by_a_bounded_factor_and_a_real_slowdown_is_followed() -> None:
+    fit = CostFit()
+    for n in [10, 100, 50, 200, 20, 100]:
+        fit.add(n, 0.002 + 1e-5 * n)
+    assert fit.costs is not None
+    before = fit.costs.seconds(1, 100)  # 3 ms
+    fit.add(100, 1.5)  # the host paused the process: 1.5 s for a 3 ms batch
+    after = fit.costs.seconds(1, 100)
+    assert after < COST_CLIP * before  # unclipped, this one batch would put it above 0.2 s
+    slow = CostFit()
+    for _ in range(3):
+        slow.add(100, 0.003)
+    for _ in range(40):  # every batch now 30x slower (a heavier model, a loaded machine): followed
+        slow.add(100, 0.09)
+    assert slow.costs is not None and slow.costs.seconds(1, 100) == pytest.approx(0.09, rel=0.05)
 
 
 def test_arrival_gap_caps_long_idle_spells() -> None:
