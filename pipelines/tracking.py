@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
-import mlflow
 import polars as pl
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -233,10 +232,6 @@ def register_artifact(
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version
-
-
-def set_tracking(uri: str) -> None:
-    mlflow.set_tracking_uri(check_tracking_uri(uri))
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> str:

@@ -32,11 +32,10 @@ from pipelines.tracking import (
     system_metrics,
 )
 from ranking.artifact import export_artifact
-from ranking.config import ModelConfig
+from ranking.config import MODEL_KINDS, ModelConfig
 from ranking.train import FitConfig, FitResult, LossConfig, OptimConfig, RankingModule, fit, load_features
 
 log = logging.getLogger("pipelines.train")
-MODELS = ("mmoe", "ple", "omoe", "shared_bottom", "single_task")
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown --model {self.model!r}; available: {list(MODELS)}")
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"unknown --model {self.model!r}; available: {list(MODEL_KINDS)}")
         self.fit_config()  # every training field checked where it is defined
 
     def fit_config(self) -> FitConfig:

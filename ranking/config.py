@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from features.fitted import FittedTransform
@@ -102,7 +102,6 @@ class ModelConfig:
     tower_dims: tuple[int, ...] = (32,)
     dropout: float = 0.0
     position_dropout: float = 0.1  # share of training rows whose position is hidden from the bias tower
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
@@ -181,7 +180,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config from :meth:`to_dict`'s output, also as artifacts of earlier versions wrote it
+        (fields added since take their defaults; ``extra``, always empty, was dropped on 2026-12-07)."""
         d = dict(data)
+        d.pop("extra", None)
         d["sparse"] = tuple(SparseSlot(**s) for s in d["sparse"])
         d["tasks"] = tuple(TaskHead(**t) for t in d["tasks"])
         for k in ("dense", "bottom_dims", "expert_dims", "tower_dims"):

@@ -39,7 +39,7 @@ def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix:
     """
     was_training = model.training
     model.eval()
-    metrics = SplitMetrics([(t.name, t.type) for t in config.tasks], ndcg_k)
+    metrics = SplitMetrics([(t.name, t.type) for t in config.tasks])
     first_binary = next((t.name for t in config.tasks if t.type == "binary"), None)
     rank_gains = {"combined": first_binary, "true": "true_relevance"}
     ranking: dict[str, list[torch.Tensor]] = {"request": [], "score": [], "combined": [], "true": []}

@@ -40,7 +40,6 @@ TaskType = Literal["binary", "regression"]
 ArrayLike = npt.ArrayLike | Tensor  # 1-D: numpy array, list or tensor (any device)
 
 EPS = 1e-7  # probability clip for logloss / NE, as in the reference protocol
-RANKING_KEY = "combined"  # key prefix of the ranking metrics (the combined score has no task of its own)
 
 
 class GroupedMetric(NamedTuple):
@@ -350,36 +349,38 @@ def ndcg_at_k(scores: ArrayLike, gains: ArrayLike, groups: ArrayLike, k: int = 1
 # Accumulator
 
 
+RANKING_KEY = "combined"  # ranking.evaluate's prefix of the ranking metrics: no task may be called so
+
+
 class SplitMetrics:
     """Gathers a split's predictions batch by batch (on CPU) and computes every task's metrics over all of it.
 
     Args:
         tasks: ``(name, type)`` pairs, type ``"binary"`` (preds are probabilities) or ``"regression"``;
             e.g. ``[(t.name, t.type) for t in config.tasks]``.
-        ndcg_k: cutoff of the ranking metric.
 
     ``compute()`` returns ``<task>/<metric>`` keys (callers prefix the split, ``val/click/auc``):
 
     * binary: ``auc``, ``logloss``, ``ne``, ``calibration``, ``rows``, and with users given
       ``gauc``, ``gauc_users`` (users counted), ``gauc_coverage`` (their share of the task's rows);
-    * regression: ``rmse``, ``r2``, ``rows``;
-    * when ranking inputs were given: ``combined/ndcg@<k>`` and ``combined/ndcg_requests``.
+    * regression: ``rmse``, ``r2``, ``rows``.
+
+    Ranking metrics of whole requests (NDCG) are :func:`ndcg_at_k`'s (``ranking.evaluate`` calls it).
 
     ``rows`` counts unmasked rows. Undefined values are ``nan`` (see the module docstring).
 
     Example:
         >>> import torch
-        >>> acc = SplitMetrics([("click", "binary")], ndcg_k=2)
+        >>> acc = SplitMetrics([("click", "binary")])
         >>> y = torch.tensor([1.0, 0.0, 0.0, 1.0])
         >>> acc.update({"click": torch.tensor([0.8, 0.3, 0.6, 0.1])}, {"click": y},
-        ...            {"click": torch.tensor([True, True, True, False])},
-        ...            requests=torch.tensor([1, 1, 2, 2]), scores=torch.tensor([0.8, 0.3, 0.6, 0.1]), gains=y)
+        ...            {"click": torch.tensor([True, True, True, False])})
         >>> out = acc.compute()
-        >>> out["click/auc"], out["click/rows"], out["combined/ndcg@2"], out["combined/ndcg_requests"]
-        (1.0, 3.0, 0.8154648767857288, 2.0)
+        >>> out["click/auc"], out["click/rows"]
+        (1.0, 3.0)
     """
 
-    def __init__(self, tasks: Sequence[tuple[str, TaskType]], ndcg_k: int = 10) -> None:
+    def __init__(self, tasks: Sequence[tuple[str, TaskType]]) -> None:
         names = [name for name, _ in tasks]
         if not names:
             raise ValueError("SplitMetrics needs at least one task")
@@ -390,10 +391,7 @@ class SplitMetrics:
         for name, kind in tasks:
             if kind not in ("binary", "regression"):
                 raise ValueError(f"task {name!r}: type must be 'binary' or 'regression', got {kind!r}")
-        if isinstance(ndcg_k, bool) or not isinstance(ndcg_k, int) or ndcg_k < 1:
-            raise ValueError(f"ndcg_k must be an int >= 1, got {ndcg_k!r}")
         self.tasks: dict[str, TaskType] = dict(tasks)
-        self.ndcg_k = ndcg_k
         self.reset()
 
     def reset(self) -> None:
@@ -402,7 +400,6 @@ class SplitMetrics:
         self._labels: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
         self._users: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
         self._with_users: bool | None = None
-        self._ranking: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def update(
         self,
@@ -410,18 +407,12 @@ class SplitMetrics:
         labels: dict[str, Tensor],
         masks: dict[str, Tensor],
         users: Tensor | None = None,
-        *,
-        requests: Tensor | None = None,
-        scores: Tensor | None = None,
-        gains: Tensor | None = None,
     ) -> None:
         """Add one batch; rows whose task mask is False are left out of that task.
 
         Args:
             preds, labels, masks: task -> (B,) tensors (probabilities for binary tasks), one per task.
             users: (B,) int64 raw user keys, for gAUC; give it on every batch or on none.
-            requests, scores, gains: (B,) request ids, ranking score and relevance gain, for NDCG;
-                all three or none. They are not masked.
         """
         # validate the whole batch before gathering any of it, so a rejected batch leaves no trace
         if self._with_users is not None and self._with_users != (users is not None):
@@ -435,13 +426,6 @@ class SplitMetrics:
                 raise ValueError(f"task {name!r}: preds, labels, masks must be (B,) of one shape, got {shapes}")
             if users is not None and tuple(users.shape) != shapes[0]:
                 raise ValueError(f"users must be (B,) = {shapes[0]}, got {tuple(users.shape)}")
-        ranking = [x is not None for x in (requests, scores, gains)]
-        if any(ranking):
-            if requests is None or scores is None or gains is None:
-                raise ValueError(f"requests, scores and gains go together; given (requests, scores, gains): {ranking}")
-            shapes = [tuple(x.shape) for x in (requests, scores, gains)]
-            if len(shapes[0]) != 1 or len(set(shapes)) != 1:
-                raise ValueError(f"requests, scores, gains must be (B,) of one shape, got {shapes}")
 
         self._with_users = users is not None
         for name in self.tasks:
@@ -450,9 +434,6 @@ class SplitMetrics:
             self._labels[name].append(labels[name].detach()[m].double().cpu())
             if users is not None:
                 self._users[name].append(users.detach()[m].long().cpu())
-        if requests is not None and scores is not None and gains is not None:
-            self._ranking.append((requests.detach().long().cpu(), scores.detach().double().cpu(),
-                                  gains.detach().double().cpu()))
 
     def compute(self) -> dict[str, float]:
         """Every metric over all rows gathered since the last ``reset``; see the class docstring for keys."""
@@ -474,9 +455,4 @@ class SplitMetrics:
                 out[f"{name}/gauc"] = g.value
                 out[f"{name}/gauc_users"] = float(g.groups)
                 out[f"{name}/gauc_coverage"] = g.row_share
-        if self._ranking:
-            requests, scores, gains = (torch.cat(parts).numpy() for parts in zip(*self._ranking, strict=True))
-            nd = ndcg_at_k(scores, gains, requests, self.ndcg_k)
-            out[f"{RANKING_KEY}/ndcg@{self.ndcg_k}"] = nd.value
-            out[f"{RANKING_KEY}/ndcg_requests"] = float(nd.groups)
         return out

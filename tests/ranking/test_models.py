@@ -254,6 +254,7 @@ def test_config_written_before_the_model_family_still_loads() -> None:
            "load_balance_weight")
     old = {k: v for k, v in tiny("mmoe").to_dict().items() if k not in new}
     assert ModelConfig.from_dict(old) == tiny("mmoe")  # tiny() keeps the PLE counts at their defaults
+    assert ModelConfig.from_dict({**old, "extra": {}}) == tiny("mmoe")  # artifacts before 2026-12-07 carry it
 
 
 def test_defaults_keep_the_dense_softmax_mmoe() -> None:
