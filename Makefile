@@ -32,6 +32,7 @@ mlflow-ui: setup
 test: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy features ranking serving pipelines
 	$(VENV)/bin/pytest -q
 
 lint: setup

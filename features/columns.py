@@ -36,7 +36,7 @@ class Jagged(NamedTuple):
     values: np.ndarray | list[str]  # int64, or str (a numpy str array from the decoder, or a list)
     lengths: np.ndarray
 
-    def __len__(self) -> int:  # type: ignore[override]  # a column's length is its candidates
+    def __len__(self) -> int:  # a column's length is its candidates
         return len(self.lengths)
 
     def offsets(self) -> np.ndarray:

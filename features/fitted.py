@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from polars.datatypes import DataTypeClass
 
 from features.columns import Jagged
 from features.spec import DenseFeature, FeatureSpec, SparseFeature, parse_spec
@@ -251,7 +252,7 @@ class FittedTransform:
     @cached_property
     def columns_by_source(self) -> dict[str, list[str]]:
         """Raw input columns per source (``user``, ``context``, ``item``), computed once per transform."""
-        return {s: self.spec.features_from(s) for s in ("user", "context", "item")}  # type: ignore[arg-type]
+        return {s: self.spec.features_from(s) for s in ("user", "context", "item")}
 
     def expressions_without_position(self) -> list[pl.Expr]:
         """Serving inputs: position is a training-only signal and never reaches the scorer."""
@@ -359,7 +360,7 @@ _DTYPES: dict[str, pl.DataType] = {
 }
 
 
-def _kind(dtype: pl.DataType) -> str:
+def _kind(dtype: pl.DataType | DataTypeClass) -> str:  # a List's inner type may be either
     if isinstance(dtype, pl.List):
         inner = _kind(dtype.inner)
         if inner not in ("int", "str"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import polars as pl
@@ -188,7 +188,7 @@ class ServingPlan:
                 lookup = Lookup.build(fitted.vocabs[f.name].values, "str")
                 self.sparse.append(SparsePlan(f, side, "cross", kind, lookup))
             else:
-                by = "int" if kind in ("int", "list[int]") else "str"
+                by: Literal["int", "str"] = "int" if kind in ("int", "list[int]") else "str"
                 self.sparse.append(SparsePlan(f, side, "vocab", kind, Lookup.build(fitted.vocabs[f.name].values, by)))
         self.dense = [
             DensePlan(d, "request" if d.raw in request else "item", fitted.numeric[d.name]) for d in spec.dense
@@ -274,7 +274,9 @@ class ServingPlan:
         for p in self.sparse:
             f = p.feature
             if p.rule == "cross":
-                ids = p.lookup(_cross_keys([column(c, p.side) for c in f.cross], [self.raw_types[c] for c in f.cross]))  # type: ignore[misc,arg-type]
+                assert p.lookup is not None  # a cross plan always has its lookup
+                crossed = [cast(Col, column(c, p.side)) for c in f.cross]  # never lists: the fit rejects them
+                ids = p.lookup(_cross_keys(crossed, [self.raw_types[c] for c in f.cross]))
             elif (table := self._scalar_ids.get(f.name)) is not None and (
                     fast := _scalar_ids(table, p.kind, given[f.raw])) is not None:
                 ids = fast
@@ -292,7 +294,8 @@ class ServingPlan:
     def _encode_single(self, p: SparsePlan, raw: Col) -> np.ndarray:
         if p.rule == "quantile":
             x = raw.values.astype(np.float64, copy=False)
-            ids = np.searchsorted(p.cuts, x, side="left").astype(np.int64) + 1  # type: ignore[arg-type]
+            assert p.cuts is not None  # a quantile plan always has its cuts
+            ids = np.searchsorted(p.cuts, x, side="left").astype(np.int64) + 1
             bad = np.isnan(x) if raw.null is None else (np.isnan(x) | raw.null)
             return np.where(bad, OOV, ids)
         if p.rule == "hash":
@@ -383,10 +386,10 @@ def _normalise(name: str, kind: str, values: Sequence[Any]) -> Col | Jagged:
         _check_kind(name, kind, vals)
         return Col(_str_array(vals), null)
     dtype = np.float64 if kind == "float" else np.int64
-    vals = [(0 if v is None else v) for v in values] if null is not None else values
-    _check_kind(name, kind, vals)
+    nums = [(0 if v is None else v) for v in values] if null is not None else values
+    _check_kind(name, kind, nums)
     try:
-        return Col(np.asarray(vals, dtype=dtype), null)
+        return Col(np.asarray(nums, dtype=dtype), null)
     except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"feature {name!r} expects {kind} values, got {values[0]!r}") from e
 
@@ -427,7 +430,7 @@ def _concat(name: str, kind: str, parts: list[Any]) -> Col | Jagged:
                                                                      else pl.Series(p, dtype=dtype)) for p in parts]
         lengths = np.concatenate([j.lengths for j in jagged])
         if all(isinstance(j.values, np.ndarray) and j.values.dtype.kind in "iuU" for j in jagged):
-            return Jagged(np.concatenate([j.values for j in jagged]), lengths)  # type: ignore[arg-type]
+            return Jagged(np.concatenate([j.values for j in jagged]), lengths)
         values: list[Any] = list(itertools.chain.from_iterable(
             j.values.tolist() if isinstance(j.values, np.ndarray) else j.values for j in jagged))
         if kind == "list[int]":

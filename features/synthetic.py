@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -131,7 +132,8 @@ def _sample_slates(rng: np.random.Generator, n: int, size: int, items: int) -> n
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-x))
+    return out
 
 
 def generate_day(cfg: SynthConfig, day: int, world: _World | None = None) -> pl.DataFrame:
@@ -218,4 +220,7 @@ def write_log(cfg: SynthConfig, out: str | Path) -> list[Path]:
 
 def config_with(**overrides: object) -> SynthConfig:
     """A config with the given fields replaced (``None`` keeps the default)."""
-    return dataclasses.replace(SynthConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    # fields of several types, named at run time (a pipeline config's YAML): replace() checks the
+    # names, __post_init__ the values
+    changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(SynthConfig(), **changes)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import polars as pl
+from polars.expr.whenthen import ChainedThen, Then
 
 from features.spec import FeatureSpec
 
@@ -58,7 +59,7 @@ def with_reason(lf: pl.LazyFrame, spec: FeatureSpec) -> pl.LazyFrame:
     checks = rules(spec, lf.collect_schema().names())
     if not checks:
         return lf.with_columns(pl.lit(None, dtype=pl.String).alias(REASON))
-    expr = pl.when(checks[0][1].fill_null(False)).then(pl.lit(checks[0][0]))
+    expr: Then | ChainedThen = pl.when(checks[0][1].fill_null(False)).then(pl.lit(checks[0][0]))
     for reason, bad in checks[1:]:
         expr = expr.when(bad.fill_null(False)).then(pl.lit(reason))
     return lf.with_columns(expr.otherwise(pl.lit(None, dtype=pl.String)).alias(REASON))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
@@ -26,20 +26,22 @@ class RawRequest:
 def request_from_log(log: str | Path, spec: FeatureSpec, index: int = -1) -> RawRequest:
     """The ``index``-th request of the log in time order (default: the last one)."""
     keys = spec.keys
+    # Optional in the spec; a dataset without requests or items (census) reaches Polars as None, which rejects it
+    request, item = cast(str, keys.request), cast(str, keys.item)
     lf = scan_log(log)
-    ids = lf.select(pl.col(keys.request).unique(maintain_order=True)).collect()[keys.request]
+    ids = lf.select(pl.col(request).unique(maintain_order=True)).collect()[request]
     if ids.len() == 0:
         raise ValueError(f"no requests in log {str(log)!r}")
     if not -ids.len() <= index < ids.len():
         raise ValueError(f"--index {index} out of range: the log holds {ids.len()} requests")
     rid = ids[index]
-    rows = lf.filter(pl.col(keys.request) == rid).collect()
+    rows = lf.filter(pl.col(request) == rid).collect()
     first = rows.row(0, named=True)
-    item_cols = [c for c in spec.features_from("item") if c != keys.item]
+    item_cols = [c for c in spec.features_from("item") if c != item]
     return RawRequest(
         request_id=str(rid),
         user={c: first[c] for c in spec.features_from("user")},
         context={c: first[c] for c in spec.features_from("context")},
         candidates={c: rows[c].to_list() for c in item_cols},
-        item_ids=rows[keys.item].to_list(),
+        item_ids=rows[item].to_list(),
     )

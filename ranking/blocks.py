@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class Experts(nn.ModuleList):
         self.out_dim = dims[-1] if dims else in_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_stacked(list(self), x)  # (B, E, De)
+        return run_stacked(cast("list[Expert]", list(self)), x)  # (B, E, De); nn.ModuleList types its items as Module
 
 
 def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,8 @@ class Tower(nn.Module):
         self.out = nn.Linear(self.mlp.out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(x)).squeeze(-1)
+        logit: torch.Tensor = self.out(self.mlp(x))  # (B, 1)
+        return logit.squeeze(-1)
 
 
 class PositionBiasTower(nn.Module):
@@ -139,4 +141,5 @@ class PositionBiasTower(nn.Module):
         if self.training and self.dropout > 0:
             drop = torch.rand(pos.shape, device=pos.device) < self.dropout
             pos = torch.where(drop, torch.full_like(pos, self.buckets), pos)
-        return self.bias(pos).squeeze(-1)  # (B,)
+        bias: torch.Tensor = self.bias(pos)  # (B, 1)
+        return bias.squeeze(-1)  # (B,)

@@ -31,9 +31,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from features.plan import EncodedBatch, ServingPlan
-from ranking.blocks import MLP
+from ranking.blocks import Expert, Tower
+from ranking.gating import Gate
 from ranking.mmoe import MMoE
 from ranking.models import RankingModel
 from ranking.scores import binary_mask
@@ -62,6 +64,11 @@ class Front(nn.Module):
 
     Layout: single-valued embeddings (config order), multi-valued pooled embeddings, dense.
     """
+
+    flat: torch.Tensor  # buffers, registered in __init__
+    col_feature: torch.Tensor
+    col_scale: torch.Tensor
+    col_base: torch.Tensor
 
     def __init__(self, model: RankingModel, side: _Side) -> None:
         super().__init__()
@@ -107,6 +114,10 @@ class SplitLinear(nn.Module):
         request_cols, item_cols: the config-order columns of each side, in the sides' layouts.
     """
 
+    w_i: torch.Tensor  # buffers, registered in __init__
+    w_r: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, request_cols: list[int], item_cols: list[int]) -> None:
         super().__init__()
         w = weight.detach()
@@ -125,7 +136,7 @@ class SplitLinear(nn.Module):
         return torch.addmm(self.bias, x_i, self.w_i)  # (N, Out)
 
 
-def _stack_layers(mlps: list[MLP]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _stack_layers(mlps: Sequence[nn.Sequential]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """N same-shaped MLPs -> per layer (N, Din, Dout) weights and (N, 1, Dout) biases."""
     layers = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in mlps]
     weights, biases = [], []
@@ -144,8 +155,8 @@ class MMoEHead(nn.Module):
 
     def __init__(self, model: MMoE) -> None:
         super().__init__()
-        experts = list(model.experts)
-        gates = list(model.gates.values())
+        experts = cast("list[Expert]", list(model.experts))  # nn.ModuleList/ModuleDict type their items as Module
+        gates = cast("list[Gate]", list(model.gates.values()))
         self.n_experts, self.n_tasks = len(experts), len(gates)
         self.top_k = gates[0].top_k if gates[0].top_k is not None and gates[0].top_k < self.n_experts else None
         w, b = _stack_layers(experts)  # layer 0: (E, D, D1)
@@ -156,8 +167,8 @@ class MMoEHead(nn.Module):
                              torch.cat([g.proj.weight.detach() for g in gates])])  # (T * E, D)
         first_b = torch.cat([b[0].reshape(-1), torch.cat([g.proj.bias.detach() for g in gates])])
         self.first_weight, self.first_bias = first_w, first_b
-        towers = [model.towers[t] for t in model.task_names]
-        tw, tb = _stack_layers([nn.Sequential(*t.mlp, t.out) for t in towers])  # type: ignore[arg-type]
+        towers = [cast(Tower, model.towers[t]) for t in model.task_names]
+        tw, tb = _stack_layers([nn.Sequential(*t.mlp, t.out) for t in towers])
         self.tower_w, self.tower_b = tw, tb  # (T, Din, Dout); the last layer's Dout is 1
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -204,6 +215,10 @@ class FusedScorer(nn.Module):
         >>> scorer.score(plan.encode(requests)).shape  # (T, N)  # doctest: +SKIP
     """
 
+    binary: torch.Tensor  # buffers, registered in __init__
+    to_config: torch.Tensor
+    first: SplitLinear | None  # the bottom's first layer, split; None without a bottom
+
     def __init__(self, model: RankingModel, plan: ServingPlan) -> None:
         super().__init__()
         cfg = model.config
@@ -240,7 +255,7 @@ class FusedScorer(nn.Module):
             self.after_bottom: SplitLinear | None = None
         else:
             self.bottom_rest = nn.Sequential()
-            self.first = None  # type: ignore[assignment]
+            self.first = None
             if self.mmoe is not None:  # no bottom: experts' first layer and gates take the split
                 self.after_bottom = SplitLinear(self.mmoe.first_weight, self.mmoe.first_bias,
                                                 sides["request"].columns, sides["item"].columns)
@@ -262,7 +277,7 @@ class FusedScorer(nn.Module):
         logits = self(*inputs)
         return torch.where(self.binary, torch.sigmoid(logits), logits)
 
-    def compile(self, example: EncodedBatch, package: Path) -> None:  # type: ignore[override]
+    def compile(self, example: EncodedBatch, package: Path) -> None:
         """Score through an AOTInductor package from now on: the network compiled ahead of time.
 
         Exports :meth:`scores` with every batch dimension dynamic (requests, candidates, list
@@ -336,9 +351,11 @@ class FusedScorer(nn.Module):
         if self.first is not None:
             x = self.bottom_rest(self.first(x_r, x_i, owner))  # (N, D); bottom_rest starts with its ReLU
             if self.mmoe is not None:
-                return self.mmoe(F.linear(x, self.mmoe.first_weight, self.mmoe.first_bias))
-        elif self.after_bottom is not None:
-            return self.mmoe(self.after_bottom(x_r, x_i, owner))  # type: ignore[misc]
+                logits: torch.Tensor = self.mmoe(F.linear(x, self.mmoe.first_weight, self.mmoe.first_bias))
+                return logits
+        elif self.after_bottom is not None:  # built only for an MMoE head
+            logits = cast(MMoEHead, self.mmoe)(self.after_bottom(x_r, x_i, owner))
+            return logits
         else:
             x = torch.cat([x_r.index_select(0, owner), x_i], dim=1).index_select(1, self.to_config)  # (N, D)
         out = self.model.head(x, None).logits

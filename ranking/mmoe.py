@@ -6,6 +6,8 @@ The other variants (single_task, shared_bottom, omoe, ple) and the shared parts 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -64,7 +66,7 @@ class MMoE(RankingModel):
         softmax is written out because ``torch.softmax`` over a short last dim (E = 8) runs a slow
         CPU kernel, about 4x the cost of these three elementwise ops.
         """
-        gates = list(self.gates.values())
+        gates = cast("list[Gate]", list(self.gates.values()))  # nn.ModuleDict types its values as Module
         if any(g.noise is not None or g.top_k is not None or (self.training and g.dropout > 0) for g in gates):
             return None
         weight = torch.cat([g.proj.weight for g in gates])  # (T * E, D)

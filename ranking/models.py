@@ -142,10 +142,10 @@ class RankingModel(nn.Module):
         if not self.sparse_names:  # dense-only model: TorchRec cannot pool a collection without tables
             emb = dense.new_zeros(dense.shape[0], 0)
         else:
-            emb = self.lookup_single(sparse)
-            if emb is None:
-                emb = self.lookup_pooled(sparse)
-        return self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
+            single = self.lookup_single(sparse)
+            emb = single if single is not None else self.lookup_pooled(sparse)
+        out: torch.Tensor = self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
+        return out
 
     def lookup_single(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
         """Fast path: every feature has exactly one id per row -> one gather, (B, F * De); else None.
@@ -181,7 +181,7 @@ class RankingModel(nn.Module):
         """The general path: pooled embeddings of any KeyedJaggedTensor, (B, sum of De)."""
         pooled = self.embeddings(sparse)  # KeyedTensor
         if pooled.keys() == self.sparse_names:
-            emb = pooled.values()  # (B, sum of embedding dims), already in config order
+            emb: torch.Tensor = pooled.values()  # (B, sum of embedding dims), already in config order
         else:  # a sharded collection groups its outputs by shard: put them back in config order
             per_feature = pooled.to_dict()
             emb = torch.cat([per_feature[n] for n in self.sparse_names], dim=1)

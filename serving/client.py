@@ -216,7 +216,7 @@ class RankerClient:
                 status = self.health(timeout_s=max(0.05, min(1.0, deadline - time.monotonic())))
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)  # type: ignore[arg-type]
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.RpcError as e:
                 last = f"{e.code().name}: {e.details()}"
             time.sleep(poll_s)

@@ -259,7 +259,7 @@ def _check_finite(field: str, values: np.ndarray) -> None:
 def _as_strings(values: Any) -> list[str]:
     """Item ids as strings, vectorised (ints are rendered in decimal)."""
     if isinstance(values, np.ndarray):
-        return values.astype(str).tolist() if values.dtype != object else list(values)  # type: ignore[no-any-return]
+        return values.astype(str).tolist() if values.dtype != object else list(values)
     return list(values)
 
 

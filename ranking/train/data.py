@@ -67,7 +67,7 @@ class _TableDataset(Dataset[Batch]):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, rows: list[int]) -> Batch:  # type: ignore[override]
+    def __getitem__(self, rows: list[int]) -> Batch:
         return self.table.batch(torch.as_tensor(rows, dtype=torch.int64))
 
 

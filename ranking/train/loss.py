@@ -183,4 +183,5 @@ class MultiTaskLoss(nn.Module):
 
     def of_batch(self, out: ModelOutput, batch: Batch, tables: nn.Module | None = None) -> LossParts:
         """:meth:`forward` with the labels, masks and (with ``tables``) the ids of ``batch``."""
-        return self(out, batch.labels, batch.masks, tables, batch.sparse if tables is not None else None)
+        parts: LossParts = self(out, batch.labels, batch.masks, tables, batch.sparse if tables is not None else None)
+        return parts

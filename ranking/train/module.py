@@ -21,7 +21,7 @@ from ranking.train.loss import LossConfig, MultiTaskLoss
 
 
 def _task_metrics(config: ModelConfig) -> MetricCollection:
-    metrics: dict[str, Metric] = {}
+    metrics: dict[str, Metric | MetricCollection] = {}  # MetricCollection's own parameter type (dict is invariant)
     for t in config.tasks:
         if t.type == "binary":
             metrics[f"{t.name}/auc"] = BinaryAUROC()
@@ -137,7 +137,7 @@ class RankingModule(L.LightningModule):
         # Training randomness (dropout, gate noise, position dropout) depends on (seed, step, rank)
         # only, so a run resumed from a checkpoint replays exactly what an uninterrupted run would.
         seed = hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % 2**63
-        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it also queues lazy
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it also queues lazy
         if self.device.type == "cuda":  # seeding of every accelerator backend, ~0.7 ms per step on CPU
             torch.cuda.manual_seed(seed)
 

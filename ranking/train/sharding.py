@@ -27,13 +27,14 @@ Example (not run here: it needs several processes):
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharded_tensor.api import ShardedTensor  # its package re-exports it implicitly
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -92,7 +93,7 @@ class TorchRecStrategy(DDPStrategy):
         self.plan_text = ""  # the sharding plan, readable; set once the model is sharded
 
     # ---------------------------------------------------------------------------------- wrapping
-    def _setup_model(self, model: nn.Module) -> DistributedModelParallel:  # type: ignore[override]
+    def _setup_model(self, model: nn.Module) -> DistributedModelParallel:
         if self.embedding_optimizer == "adam" and self.root_device.type != "cuda":
             raise ValueError("embedding_optimizer 'adam' needs CUDA; on CPU use rowwise_adagrad, adagrad or sgd")
         collections = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
@@ -140,9 +141,11 @@ class TorchRecStrategy(DDPStrategy):
     # ------------------------------------------------------------------------------- checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Full tensors on rank 0 (a collective: every rank must call it, as Lightning does)."""
-        return full_state_dict(self.lightning_module, self.root_device)
+        module = self.lightning_module
+        assert module is not None  # as Lightning's own Strategy.lightning_module_state_dict
+        return full_state_dict(module, self.root_device)
 
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Load full tensors, into the shards when the module is already sharded."""
         module = self.lightning_module
         assert module is not None
