@@ -32,7 +32,7 @@ import polars as pl
 from polars.datatypes import DataTypeClass
 
 from features.columns import Jagged
-from features.spec import DenseFeature, FeatureSpec, SparseFeature, parse_spec
+from features.spec import DenseFeature, FeatureSpec, Source, SparseFeature, parse_spec
 
 FORMAT_VERSION = 1
 OOV = 0  # id of out-of-vocabulary and null values in every table
@@ -225,16 +225,17 @@ class FittedTransform:
             if ln != n:
                 raise ValueError(f"candidate column {k!r} has {ln} values, expected {n}")
         cols: dict[str, pl.Series] = {}
-        for source, given in (("user", user), ("context", context)):
-            for c in spec.features_from(source):  # type: ignore[arg-type]
+        once: tuple[tuple[Source, dict[str, Any]], ...] = (("user", user), ("context", context))
+        for source, given in once:
+            for c in spec.features_from(source):
                 if c not in given:
                     raise ValueError(f"missing {source} feature {c!r}")
         for c in spec.features_from("item"):
             if c not in candidates:
                 raise ValueError(f"missing candidate feature {c!r}")
             cols[c] = self._typed(c, candidates[c])
-        for source, given in (("user", user), ("context", context)):
-            for c in spec.features_from(source):  # type: ignore[arg-type]
+        for source, given in once:
+            for c in spec.features_from(source):
                 cols[c] = self._typed(c, [given[c]]).new_from_index(0, n)  # (n,) one value repeated
         return pl.DataFrame(cols, height=n)
 

@@ -449,7 +449,7 @@ def _concat(name: str, kind: str, parts: list[Any]) -> Col | Jagged:
 
 def _normalise_array(name: str, kind: str, values: np.ndarray) -> Col:
     if values.dtype.kind not in "iuf" or (kind == "int" and values.dtype.kind == "f"):
-        return _normalise(name, kind, values.tolist())  # type: ignore[return-value]
+        return cast(Col, _normalise(name, kind, values.tolist()))  # a single-valued kind: a Col
     return Col(values.astype(np.float64 if kind == "float" else np.int64, copy=False))
 
 

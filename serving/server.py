@@ -413,7 +413,7 @@ def _add_ranker(servicer: RankerServicer, server: grpc.aio.Server, metrics: Serv
             return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, msg)
         return result
 
-    async def rank(raw: bytes, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+    async def rank(raw: bytes, context: grpc.aio.ServicerContext) -> pb.RankResponse | None:
         start = time.perf_counter_ns()
         code = grpc.StatusCode.UNKNOWN  # grpc.aio's answer to an exception that escapes below
         candidates = 0  # until the bytes parse
@@ -439,7 +439,7 @@ def _add_ranker(servicer: RankerServicer, server: grpc.aio.Server, metrics: Serv
         if isinstance(result, Failure):  # set, not abort: no exception through grpc.aio per refusal
             context.set_code(result.code)
             context.set_details(clip(result.message, _MAX_DETAILS))
-            return None  # type: ignore[return-value]  # grpc.aio sends no message with a non-OK status
+            return None  # grpc.aio sends no message with a non-OK status
         return result
 
     handler = grpc.unary_unary_rpc_method_handler(rank, response_serializer=pb.RankResponse.SerializeToString)

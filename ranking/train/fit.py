@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
@@ -37,6 +37,9 @@ from ranking.train.data import RankingDataModule, load_features
 from ranking.train.loss import LossConfig
 from ranking.train.module import OptimConfig, RankingModule
 from ranking.train.sharding import TorchRecStrategy
+
+if TYPE_CHECKING:
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 
 log = logging.getLogger("ranking.train")
 
@@ -217,7 +220,7 @@ def fit(
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=strategy_for(cfg),
-        precision=precision,  # type: ignore[arg-type]
+        precision=cast("_PRECISION_INPUT", precision),  # a config string: Lightning checks it at run time
         logger=logger,
         callbacks=[*own, *callbacks],
         enable_checkpointing=out is not None,
