@@ -15,6 +15,9 @@ load-balancing loss below turns them into a scalar the trainer weighs and adds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -170,3 +173,76 @@ def load_balance_loss(weights: torch.Tensor) -> torch.Tensor:
     importance = w.sum(dim=0)  # (..., E)
     load = (w > 0).float().sum(dim=0)  # (..., E)
     return (cv_squared(importance) + cv_squared(load)).mean()
+
+
+def mix_per_task(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """:func:`mix_experts` as T broadcast multiply-sums: (B, T, E), (B, E, De) -> (B, T, De).
+
+    Same result (up to float rounding); on CPU the einsum becomes B tiny matmuls, forward and
+    backward, which cost about twice these elementwise ops for a few tasks.
+
+    Example:
+        >>> w, x = torch.softmax(torch.randn(4, 2, 3), -1), torch.randn(4, 3, 5)
+        >>> torch.allclose(mix_per_task(w, x), mix_experts(w, x), atol=1e-6)
+        True
+    """
+    w = weights.to(experts.dtype)
+    return torch.stack([(w[:, t].unsqueeze(-1) * experts).sum(dim=1) for t in range(w.shape[1])], dim=1)
+
+
+class TaskGates(nn.ModuleDict):
+    """One :class:`Gate` per task over the same E experts: (B, D) -> (B, T, E), and the tasks' mixtures.
+
+    Its state_dict keys are the gates' (``<task>.proj.weight`` ...), tasks in the order given. While
+    every gate is a plain softmax (no noise, no top-k, no gate dropout in training) the T gates run
+    as one matmul with the softmax written out (``torch.softmax`` over a short last dim, E = 8,
+    runs a slow CPU kernel, about 4x these three elementwise ops), and :meth:`mix` as T broadcast
+    multiply-sums; otherwise each gate runs its own ``forward`` and the mixture is one einsum. Both
+    ways give the same values up to float rounding (tests/ranking/test_fast_paths.py).
+
+    Args:
+        tasks: task names, in output order.
+        in_dim: input width D.
+        num_experts: E.
+        config: every gate's settings (:class:`~ranking.config.GateConfig`).
+
+    Example:
+        >>> gates = TaskGates(["click", "like"], in_dim=8, num_experts=3)
+        >>> x, experts = torch.randn(5, 8), torch.randn(5, 3, 4)
+        >>> w = gates(x)
+        >>> w.shape, gates.mix(w, experts).shape
+        (torch.Size([5, 2, 3]), torch.Size([5, 2, 4]))
+    """
+
+    def __init__(self, tasks: Sequence[str], in_dim: int, num_experts: int, config: GateConfig | None = None) -> None:
+        super().__init__({t: Gate(in_dim, num_experts, config) for t in tasks})
+
+    @property
+    def gates(self) -> list[Gate]:
+        """The gates, in task order."""
+        return cast("list[Gate]", list(self.values()))  # nn.ModuleDict types its values as Module
+
+    @property
+    def plain(self) -> bool:
+        """Every gate is a dense softmax right now (the fast paths apply)."""
+        return not any(g.noise is not None or g.top_k is not None or (self.training and g.dropout > 0)
+                       for g in self.gates)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """All T plain softmax gates as one matmul: (B, D) -> (B, T, E), float32 (only while :attr:`plain`)."""
+        gates = self.gates
+        weight = torch.cat([g.proj.weight for g in gates])  # (T * E, D)
+        bias = torch.cat([g.proj.bias for g in gates])  # (T * E,)
+        logits = F.linear(x, weight, bias).view(x.shape[0], len(gates), -1).float()  # (B, T, E)
+        e = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # (B, T, E), max-shifted: no overflow
+        return e / e.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, T, E) weights, float32, each row summing to 1 along E."""
+        if self.plain:
+            return self.dense(x)
+        return torch.stack([g(x) for g in self.gates], dim=1)  # (B, T, E), tasks in order
+
+    def mix(self, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each task's weighted sum of the experts' outputs: (B, T, E), (B, E, De) -> (B, T, De)."""
+        return mix_per_task(weights, experts) if self.plain else mix_experts(weights, experts)

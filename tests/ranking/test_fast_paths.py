@@ -9,8 +9,8 @@ from torchrec import KeyedJaggedTensor
 from ranking.artifact import build_model
 from ranking.blocks import MLP, Experts, run_stacked
 from ranking.config import ModelConfig, SparseSlot, TaskHead
-from ranking.gating import mix_experts
-from ranking.mmoe import MMoE, mix_per_task
+from ranking.gating import mix_experts, mix_per_task
+from ranking.mmoe import MMoE
 
 B = 6
 TASKS = (TaskHead("click", "binary", "engagement"), TaskHead("like", "binary", "satisfaction"))
@@ -96,18 +96,25 @@ def test_mmoe_dense_gates_equal_each_gate(training: bool) -> None:
     torch.manual_seed(0)
     model = MMoE(config()).train(training)
     x = torch.randn(B, model.width)
-    fast = model.dense_gates(x)
-    assert fast is not None
-    slow = torch.stack([g(x) for g in model.gates.values()], dim=1)  # (B, T, E)
+    assert model.gates.plain
+    fast = model.gates(x)  # (B, T, E), one matmul
+    slow = torch.stack([g(x) for g in model.gates.values()], dim=1)  # (B, T, E), each gate's own forward
     torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(model.gates.dense(x), slow)
 
 
 def test_mmoe_gates_with_noise_top_k_or_training_dropout_take_the_gate_path() -> None:
     noisy = MMoE(config(gate="noisy_topk", top_k=2))
     dropping = MMoE(config(gate_dropout=0.2))
     x = torch.randn(B, noisy.width)
-    assert noisy.dense_gates(x) is None
-    assert dropping.train().dense_gates(x) is None and dropping.eval().dense_gates(x) is not None
+    assert not noisy.gates.plain
+    assert not dropping.train().gates.plain and dropping.eval().gates.plain
+    torch.manual_seed(1)
+    got = noisy.train().gates(x)  # the gate path: noise and top-k, k non-zero weights per row
+    torch.manual_seed(1)
+    want = torch.stack([g(x) for g in noisy.gates.values()], dim=1)
+    torch.testing.assert_close(got, want)
+    assert (got > 0).sum(-1).eq(2).all()
 
 
 def test_mix_per_task_equals_mix_experts() -> None:
