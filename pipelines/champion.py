@@ -16,7 +16,7 @@ import polars as pl
 import torch
 
 from features.validate import REASON, with_reason
-from pipelines.config import GateConfig
+from pipelines.config import PromotionGates
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 from ranking.evaluate import evaluate
@@ -77,16 +77,16 @@ class GateCheck:
         return asdict(self)
 
 
-def gate_metric(task_type: str, gates: GateConfig) -> str:
+def gate_metric(task_type: str, gates: PromotionGates) -> str:
     """The holdout metric the gates compare for a task of ``task_type`` (e.g. ``auc``, ``r2``)."""
     return gates.binary_metric if task_type == "binary" else gates.regression_metric
 
 
-def key_metrics(task_types: dict[str, str], gates: GateConfig) -> list[str]:
+def key_metrics(task_types: dict[str, str], gates: PromotionGates) -> list[str]:
     """``holdout/<task>/<gate metric>`` for every task, the primary task first: what a run list shows.
 
     Example:
-        >>> key_metrics({"click": "binary", "watch": "regression", "like": "binary"}, GateConfig(primary="like"))
+        >>> key_metrics({"click": "binary", "watch": "regression", "like": "binary"}, PromotionGates(primary="like"))
         ['holdout/like/auc', 'holdout/click/auc', 'holdout/watch/r2']
     """
     order = sorted(task_types, key=lambda t: t != gates.primary)  # stable: the spec's order after the primary
@@ -94,7 +94,7 @@ def key_metrics(task_types: dict[str, str], gates: GateConfig) -> list[str]:
 
 
 def check_gates(
-    challenger: dict[str, float], champion: dict[str, float] | None, task_types: dict[str, str], gates: GateConfig
+    challenger: dict[str, float], champion: dict[str, float] | None, task_types: dict[str, str], gates: PromotionGates
 ) -> list[GateCheck]:
     """Evaluate the configured gates; an absent champion passes by definition (first model).
 
@@ -102,7 +102,7 @@ def check_gates(
     on faith.
 
     Example:
-        >>> g = GateConfig(primary="click", primary_min_gain=0.0, max_drop=0.01)
+        >>> g = PromotionGates(primary="click", primary_min_gain=0.0, max_drop=0.01)
         >>> checks = check_gates({"holdout/click/auc": 0.71, "holdout/like/auc": 0.60},
         ...                      {"holdout/click/auc": 0.70, "holdout/like/auc": 0.62},
         ...                      {"click": "binary", "like": "binary"}, g)

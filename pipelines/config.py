@@ -63,7 +63,7 @@ class WindowConfig:
 
 
 @dataclass(frozen=True)
-class GateConfig:
+class PromotionGates:
     """When a challenger may replace the champion, both scored on the same holdout rows.
 
     - ``primary``: the task whose metric must be at least the champion's plus ``primary_min_gain``.
@@ -108,7 +108,7 @@ class PipelineConfig:
     windows: WindowConfig = field(default_factory=WindowConfig)
     train: dict[str, Any] = field(default_factory=dict)
     warm_start: bool = False
-    gates: GateConfig = field(default_factory=GateConfig)
+    gates: PromotionGates = field(default_factory=PromotionGates)
     path: Path | None = None  # the file this came from
 
     def __post_init__(self) -> None:
@@ -199,7 +199,7 @@ def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     data["source"] = _section(SourceConfig, source, "source")
     data["workdir"] = resolve(data["workdir"])
     data["windows"] = _section(WindowConfig, data.get("windows"), "windows")
-    data["gates"] = _section(GateConfig, data.get("gates"), "gates")
+    data["gates"] = _section(PromotionGates, data.get("gates"), "gates")
     train = data.get("train") or {}
     if not isinstance(train, dict):
         raise ValueError(f"train must be a mapping in {str(path)!r}, got {train!r}")

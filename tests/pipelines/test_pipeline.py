@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipelines.champion import check_gates
-from pipelines.config import GateConfig, bundled_config, load_pipeline_config
+from pipelines.config import PromotionGates, bundled_config, load_pipeline_config
 from pipelines.lock import PipelineBusy, RunLock
 from pipelines.pipeline import Pipeline, run_pipeline
 from pipelines.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, SAVED_VIEW_TAG
@@ -312,7 +312,7 @@ def test_a_dead_holders_lock_is_detected_as_stale(tmp_path: Path) -> None:
 
 def test_gates() -> None:
     types = {"click": "binary", "watch": "regression"}
-    g = GateConfig(primary="click", primary_min_gain=0.001, max_drop=0.01)
+    g = PromotionGates(primary="click", primary_min_gain=0.001, max_drop=0.01)
     assert [c.name for c in check_gates({}, None, types, g)] == ["no_champion"]
     champ = {"holdout/click/auc": 0.70, "holdout/watch/r2": 0.20}
     ok = check_gates({"holdout/click/auc": 0.7011, "holdout/watch/r2": 0.191}, champ, types, g)
@@ -322,7 +322,7 @@ def test_gates() -> None:
     nan = check_gates({"holdout/click/auc": math.nan, "holdout/watch/r2": 0.3}, champ, types, g)
     assert not nan[0].passed and not nan[1].passed
     with pytest.raises(ValueError, match="gates.primary 'ctr' is not a task"):
-        check_gates({}, champ, types, GateConfig(primary="ctr"))
+        check_gates({}, champ, types, PromotionGates(primary="ctr"))
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
