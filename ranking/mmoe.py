@@ -1,7 +1,8 @@
 """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018) as a ranking model.
 
-The other variants (single_task, shared_bottom, omoe, ple) and the shared parts live in
-``ranking.models``; ``ModelOutput`` is re-exported here for existing imports.
+The other variants (single_task, shared_bottom, omoe, ple) and the shared parts (the front, the
+towers, ``ModelOutput``) live in ``ranking.models``; the experts in ``ranking.blocks``, the task gates
+in ``ranking.gating``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ranking.config import ModelConfig
 from ranking.gating import TaskGates
 from ranking.models import ModelOutput, RankingModel
 
-__all__ = ["MMoE", "ModelOutput"]
+__all__ = ["MMoE"]
 
 
 class MMoE(RankingModel):

@@ -13,8 +13,8 @@ from torchrec import KeyedJaggedTensor
 from ranking.artifact import build_model
 from ranking.config import MODEL_KINDS, ModelConfig, SparseSlot, TaskHead
 from ranking.gating import Gate
-from ranking.mmoe import MMoE, ModelOutput
-from ranking.models import PLE, ExtractionLevel, OMoE, RankingModel, SharedBottom, SingleTask
+from ranking.mmoe import MMoE
+from ranking.models import PLE, ExtractionLevel, ModelOutput, OMoE, RankingModel, SharedBottom, SingleTask
 
 B = 16
 TASKS = (
