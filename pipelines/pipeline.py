@@ -311,15 +311,12 @@ class Pipeline:
         except MlflowException:
             self.state.set(champion=None)
             return None
-        import mlflow.artifacts
-
-        from serving.holder import find_artifact
+        from ranking.artifact import download_artifact
 
         dst = self.run_dir / "champion"
         shutil.rmtree(dst, ignore_errors=True)
         source = self.client.get_model_version_download_uri(self.cfg.model_name, mv.version)
-        got_path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=self.uri)
-        path = find_artifact(Path(got_path), f"models:/{self.cfg.model_name}/{mv.version}")
+        path = download_artifact(source, dst, self.uri, f"models:/{self.cfg.model_name}/{mv.version}")
         log.info("champion: %s version %s, fetched to %s", self.cfg.model_name, mv.version, path)
         self.state.set(champion={"version": str(mv.version), "path": str(path)})
         return str(mv.version), path

@@ -110,6 +110,47 @@ def load_artifact(path: str | Path) -> tuple[RankingModel, ModelConfig, FittedTr
     return model, config, fitted, meta
 
 
+ARTIFACT_MARKERS = ("metadata.json", "model_config.json")  # files that identify an artifact folder
+
+
+def find_artifact(root: Path, uri: str) -> Path:
+    """The artifact folder at or below ``root`` (a registered model may nest it one level or more).
+
+    Args:
+        root: a folder, e.g. where a registered model's files were downloaded.
+        uri: what ``root`` was fetched from, for the error message.
+
+    Raises:
+        ValueError: no folder under ``root`` holds the artifact files.
+    """
+    if all((root / m).is_file() for m in ARTIFACT_MARKERS):
+        return root
+    hits = sorted(p.parent for p in root.rglob(ARTIFACT_MARKERS[1]) if (p.parent / ARTIFACT_MARKERS[0]).is_file())
+    if not hits:
+        raise ValueError(f"no inference artifact (metadata.json + model_config.json) found at {uri!r}")
+    return min(hits, key=lambda p: len(p.parts))
+
+
+def download_artifact(source: str, dst: Path, tracking_uri: str | None, uri: str) -> Path:
+    """Download a registered model's files from MLflow into ``dst`` and return the artifact folder in them.
+
+    The one download of a model version: the pipeline's champion and the serving holder both use it.
+
+    Args:
+        source: the version's download URI (``MlflowClient.get_model_version_download_uri``).
+        dst: an empty local folder.
+        tracking_uri: the MLflow store the source belongs to (None: MLflow's current one).
+        uri: what the caller asked for (``models:/ranker@champion``), for error messages.
+
+    Raises:
+        ValueError: the download holds no artifact.
+    """
+    import mlflow.artifacts  # heavy; only MLflow sources need it
+
+    got = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
+    return find_artifact(Path(got), uri)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())

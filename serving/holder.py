@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from features.fitted import FittedTransform
+from ranking.artifact import download_artifact
 from ranking.inference import InferenceModel
 
 log = logging.getLogger("serving")
 
-_MARKERS = ("metadata.json", "model_config.json")  # files that identify an artifact folder
 
 
 @dataclass(frozen=True)
@@ -352,16 +352,11 @@ class ModelHolder:
         """(local artifact folder, the temporary download folder holding it or ``None`` for a local source)."""
         if target.local:
             return Path(target.source), None
-        import mlflow.artifacts  # heavy; only MLflow sources need it
-
         dst = Path(tempfile.mkdtemp(prefix="ranker-model-"))
         self._tmpdirs.append(dst)
         log.info("downloading model uri=%s (%s) to %s", self.uri, target.source, dst)
         try:
-            got = mlflow.artifacts.download_artifacts(
-                artifact_uri=target.source, dst_path=str(dst), tracking_uri=self.tracking_uri
-            )
-            return find_artifact(Path(got), self.uri), dst
+            return download_artifact(target.source, dst, self.tracking_uri, self.uri), dst
         except Exception:
             self._discard(dst)
             raise
@@ -394,20 +389,6 @@ class ModelHolder:
         except MlflowException as e:
             raise ValueError(f"model uri {self.uri!r} does not resolve in {store}: {e.message}") from e
         return name, version, source
-
-
-def find_artifact(root: Path, uri: str) -> Path:
-    """The artifact folder at or below ``root`` (a registered model may nest it one level or more).
-
-    Raises:
-        ValueError: no folder under ``root`` holds the artifact files.
-    """
-    if all((root / m).is_file() for m in _MARKERS):
-        return root
-    hits = sorted(p.parent for p in root.rglob(_MARKERS[1]) if (p.parent / _MARKERS[0]).is_file())
-    if not hits:
-        raise ValueError(f"no inference artifact (metadata.json + model_config.json) found at {uri!r}")
-    return min(hits, key=lambda p: len(p.parts))
 
 
 def synthetic_request(fitted: FittedTransform, n: int = 2) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from features.fitted import FittedTransform
-from serving.holder import ModelHolder, find_artifact, synthetic_request
+from ranking.artifact import find_artifact
+from serving.holder import ModelHolder, synthetic_request
 
 
 def test_local_folder_uses_metadata_name_and_version(workspace: Any) -> None:
