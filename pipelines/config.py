@@ -1,7 +1,10 @@
-"""The pipeline's configuration: one YAML file per pipeline, typed into frozen dataclasses.
+"""The pipeline's configuration: one YAML file per pipeline, typed into frozen pydantic models.
 
 A file names the source of raw impressions, the windows (training, validation, holdout), the
-training recipe, the promotion gates and where the state and the MLflow store live. Relative
+training recipe, the promotion gates and where the state and the MLflow store live. It is typed
+with pydantic like the feature spec: an unknown key or a wrong value is one error line naming the
+field (``invalid pipeline config 'p.yaml': field 'windows.holdout_days': Input should be greater
+than or equal to 1 (got 0)``). Relative
 paths are resolved against the working directory (as any command line does); ``${VAR}`` and ``${VAR:-default}``
 are expanded from the environment first, so one file serves a laptop and a cluster.
 
@@ -17,18 +20,23 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-@dataclass(frozen=True)
-class SourceConfig:
+class _Section(BaseModel):
+    """A typed part of the file: unknown keys and wrong types are errors naming the field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Section):
     """Where raw impressions come from.
 
     ``dataset`` picks the adapter (``synthetic`` reads a folder of Parquet, date-partitioned or
@@ -39,31 +47,25 @@ class SourceConfig:
 
     path: Path
     dataset: str = "synthetic"
-    synthesize: dict[str, Any] = field(default_factory=dict)
+    synthesize: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class WindowConfig:
+class WindowConfig(_Section):
     """Days, counted back from the as-of date: ``[... train ...][validation][holdout]``.
 
     The holdout days are never trained on: challenger and champion are compared there. The
     validation days pick the challenger's best epoch. ``train_days`` = 0 uses every day available.
     """
 
-    train_days: int = 0
-    validation_days: int = 1
-    holdout_days: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("validation_days", "holdout_days"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"windows.{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_days < 0:
-            raise ValueError(f"windows.train_days must be >= 0 (0 = all), got {self.train_days}")
+    train_days: Annotated[int, Field(ge=0)] = 0
+    validation_days: Annotated[int, Field(ge=1)] = 1
+    holdout_days: Annotated[int, Field(ge=1)] = 1
 
 
-@dataclass(frozen=True)
-class PromotionGates:
+PromotionMetric = Literal["auc", "gauc", "r2"]  # higher is better, each
+
+
+class PromotionGates(_Section):
     """When a challenger may replace the champion, both scored on the same holdout rows.
 
     - ``primary``: the task whose metric must be at least the champion's plus ``primary_min_gain``.
@@ -74,30 +76,22 @@ class PromotionGates:
 
     primary: str = "click"
     primary_min_gain: float = 0.0
-    max_drop: float = 0.005
-    binary_metric: str = "auc"
-    regression_metric: str = "r2"
-
-    def __post_init__(self) -> None:
-        allowed = {"auc", "gauc", "r2"}
-        for name in ("binary_metric", "regression_metric"):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"gates.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        if self.max_drop < 0:
-            raise ValueError(f"gates.max_drop must be >= 0, got {self.max_drop}")
+    max_drop: Annotated[float, Field(ge=0)] = 0.005
+    binary_metric: PromotionMetric = "auc"
+    regression_metric: PromotionMetric = "r2"
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(_Section):
     """Everything one scheduled pipeline needs (see ``pipelines/configs/*.yaml``).
 
     ``train`` holds :class:`pipelines.train.TrainConfig` fields (``model``, ``epochs``, ``lr``,
     ``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ...) and an optional ``model_config``
-    mapping of model-shape fields; ``warm_start`` initialises the challenger from the champion's
-    weights (embedding rows matched by raw id across the two vocabularies).
+    mapping of model-shape fields (typed against those classes before any work); ``warm_start``
+    initialises the challenger from the champion's weights (embedding rows matched by raw id
+    across the two vocabularies).
     """
 
-    name: str
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]  # letters, digits, '_', '.', '-'
     source: SourceConfig
     workdir: Path
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or the project's .mlflow/ sqlite store
@@ -105,18 +99,15 @@ class PipelineConfig:
     model_name: str = "ranker"
     alias: str = "champion"
     spec: str | None = None  # feature spec name or YAML path; None = the dataset's own
-    windows: WindowConfig = field(default_factory=WindowConfig)
-    train: dict[str, Any] = field(default_factory=dict)
+    windows: WindowConfig = WindowConfig()  # frozen: one shared default is safe
+    train: dict[str, Any] = Field(default_factory=dict)
     warm_start: bool = False
-    gates: PromotionGates = field(default_factory=PromotionGates)
+    gates: PromotionGates = PromotionGates()
     path: Path | None = None  # the file this came from
 
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ValueError(f"pipeline name must be letters, digits, '_', '.', '-'; got {self.name!r}")
-
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k != "path"}, default=str))
+        """The effective configuration as JSON values (paths as strings), without ``path``."""
+        return self.model_dump(mode="json", exclude={"path"})
 
     @property
     def content_hash(self) -> str:
@@ -150,18 +141,6 @@ def _expand(value: Any) -> Any:
     return value
 
 
-def _section(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {data!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown field(s) {unknown} in {where}; known: {sorted(known)}")
-    return cls(**data)
-
-
 def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     """Read, expand and type a pipeline YAML; ``overrides`` replace top-level fields (e.g. ``workdir``).
 
@@ -178,33 +157,33 @@ def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ValueError(f"pipeline config {str(path)!r} must hold a mapping")
     data = _expand(data)
+    if "path" in data:
+        raise ValueError(f"invalid pipeline config {str(path)!r}: field 'path': set by the loader, not in the file")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(PipelineConfig)} - {"path"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown field(s) {unknown} in {str(path)!r}; known: {sorted(known)}")
-    for required in ("name", "source", "workdir"):
-        if required not in data:
-            raise ValueError(f"pipeline config {str(path)!r} lacks {required!r}")
     base = Path.cwd()
 
-    def resolve(p: Any) -> Path:
-        p = Path(str(p))
+    def resolve(p: Any) -> Any:
+        if not isinstance(p, str | Path):
+            return p  # the schema names the field and its type
+        p = Path(p)
         return p if p.is_absolute() else (base / p).resolve()
 
-    source = dict(data["source"]) if isinstance(data["source"], dict) else {"path": data["source"]}
-    if "path" not in source:
-        raise ValueError(f"source.path is missing in {str(path)!r}")
-    source["path"] = resolve(source["path"])
-    data["source"] = _section(SourceConfig, source, "source")
-    data["workdir"] = resolve(data["workdir"])
-    data["windows"] = _section(WindowConfig, data.get("windows"), "windows")
-    data["gates"] = _section(PromotionGates, data.get("gates"), "gates")
-    train = data.get("train") or {}
-    if not isinstance(train, dict):
-        raise ValueError(f"train must be a mapping in {str(path)!r}, got {train!r}")
-    data["train"] = train
+    if isinstance(data.get("source"), str | Path):
+        data["source"] = {"path": data["source"]}
+    if isinstance(data.get("source"), dict) and "path" in data["source"]:
+        data["source"] = {**data["source"], "path": resolve(data["source"]["path"])}
+    if "workdir" in data:
+        data["workdir"] = resolve(data["workdir"])
+    for section in ("source", "windows", "gates", "train"):
+        if section in data and data[section] is None:
+            del data[section]  # an empty section in YAML is not given: the defaults (source has none)
     spec = data.get("spec")
-    if spec is not None and (str(spec).endswith((".yaml", ".yml"))):
+    if isinstance(spec, str) and spec.endswith((".yaml", ".yml")):
         data["spec"] = str(resolve(spec))
-    return PipelineConfig(**data, path=path.resolve())
+    try:
+        return PipelineConfig.model_validate({**data, "path": path.resolve()})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        got = f" (got {first['input']!r})" if first["type"] != "missing" else ""
+        raise ValueError(f"invalid pipeline config {str(path)!r}: field {loc!r}: {first['msg']}{got}") from None

@@ -31,7 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -450,7 +450,7 @@ class Pipeline:
             "version": self.state.out("register")["version"], "champion_version": ev["champion_version"],
             "challenger_metrics": ev["challenger"], "champion_metrics": ev["champion"], "tasks": ev["tasks"],
             "checks": [GateCheck(**c) for c in ev["checks"]], "promoted": self.state.out("promote")["promoted"],
-            "gates": asdict(self.cfg.gates), "parent_run_id": parent,
+            "gates": self.cfg.gates.model_dump(), "parent_run_id": parent,
         }
         path = self.run_dir / "report.md"
         path.write_text(render(ctx))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -146,7 +145,7 @@ def test_a_day_done_in_another_work_folder_runs_here(nights: Nights, tmp_path: P
     shutil.copy(str(nights.tracking_uri).removeprefix("sqlite:///"), store)
     uri = f"sqlite:///{store}"
     before = _versions(uri)
-    moved = dataclasses.replace(nights.lenient, workdir=tmp_path / "fresh", tracking_uri=uri)
+    moved = nights.lenient.model_copy(update={"workdir": tmp_path / "fresh", "tracking_uri": uri})
     result = run_pipeline(moved, as_of=DAY7)
     assert result.status != "noop", result.message
     assert (tmp_path / "fresh" / "runs" / DAY7.isoformat() / "state.json").is_file()
@@ -326,12 +325,18 @@ def test_gates() -> None:
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['gate'\]"):
+    with pytest.raises(ValueError, match=r"field 'gate': Extra inputs are not permitted"):
         load_pipeline_config(write_config(tmp_path, gate={}))
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['min_gain'\] in gates"):
+    with pytest.raises(ValueError, match=r"field 'gates.min_gain': Extra inputs are not permitted \(got 1\)"):
         load_pipeline_config(write_config(tmp_path, gates={"min_gain": 1}))
-    with pytest.raises(ValueError, match="windows.holdout_days must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"field 'windows.holdout_days': .*greater than or equal to 1 \(got 0\)"):
         load_pipeline_config(write_config(tmp_path, windows={"holdout_days": 0}))
+    with pytest.raises(ValueError, match=r"field 'gates.binary_metric': Input should be 'auc', 'gauc' or 'r2'"):
+        load_pipeline_config(write_config(tmp_path, gates={"binary_metric": "ndcg"}))
+    with pytest.raises(ValueError, match=r"field 'name': String should match pattern"):
+        load_pipeline_config(write_config(tmp_path, name="no spaces"))
+    with pytest.raises(ValueError, match=r"field 'source': Field required$"):
+        load_pipeline_config(write_config(tmp_path, source=None))
     bad_train = load_pipeline_config(write_config(tmp_path, train={"epoch": 3}))
     with pytest.raises(ValueError, match=r"unknown train field\(s\) \['epoch'\]"):
         run_pipeline(bad_train)
