@@ -31,6 +31,7 @@ from typer.core import TyperGroup
 
 from pipelines import errors
 from pipelines.errors import reading
+from serving import defaults as serve_defaults
 
 PACKAGE = "mmoe-ranker"
 
@@ -365,24 +366,28 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
     tracking_uri: Annotated[str | None, typer.Option(
         help="MLflow tracking URI of an existing store (never created here).", show_default=STORE_DEFAULT)] = None,
-    max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = 1000,
-    max_batch_candidates: Annotated[int, typer.Option(help="Most candidates in one batched forward pass.")] = 1000,
+    max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = serve_defaults.MAX_CANDIDATES,
+    max_batch_candidates: Annotated[int, typer.Option(help="Most candidates in one batched forward pass.")] = (
+        serve_defaults.MAX_BATCH_CANDIDATES),
     max_queue_delay_us: Annotated[int, typer.Option(
-        help="Longest a request may wait for a batch to fill (µs); spent only while others are expected.")] = 2000,
-    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond: RESOURCE_EXHAUSTED.")] = 256,
+        help="Longest a request may wait for a batch to fill (µs); spent only while others are expected.")] = (
+        serve_defaults.MAX_QUEUE_DELAY_US),
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond: RESOURCE_EXHAUSTED.")] = (
+        serve_defaults.MAX_QUEUE),
     max_queue_wait_ms: Annotated[float, typer.Option(
-        help="Refuse (RESOURCE_EXHAUSTED) a request whose expected wait exceeds this (ms); 0 = no budget.")] = 0.0,
+        help="Refuse (RESOURCE_EXHAUSTED) a request whose expected wait exceeds this (ms); 0 = no budget.")] = (
+        serve_defaults.MAX_QUEUE_WAIT_MS),
     batching: Annotated[bool, typer.Option(help="Batch candidates across concurrent requests.")] = True,
     reload_interval_s: Annotated[float, typer.Option(help="Poll the model URI every N s; 0 = off.")] = (
-        30.0
-    ),
+        serve_defaults.RELOAD_INTERVAL_S),
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus /metrics on this port of --host (0 picks a free one).", show_default="off")] = None,
     tls_cert: Annotated[Path | None, typer.Option(
         help="PEM certificate chain (with --tls-key).", show_default="none: plaintext")] = None,
     tls_key: Annotated[Path | None, typer.Option(
         help="PEM private key (with --tls-cert).", show_default="none: plaintext")] = None,
-    max_message_mb: Annotated[int, typer.Option(help="Largest request or response message (MiB).")] = 16,
+    max_message_mb: Annotated[int, typer.Option(help="Largest request or response message (MiB).")] = (
+        serve_defaults.MAX_MESSAGE_MB),
     log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
     torch_threads: Annotated[int, typer.Option(help="Threads of one forward pass (forwards run one at a time).")] = 1,
     ready_file: Annotated[Path | None, typer.Option(

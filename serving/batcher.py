@@ -53,6 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from serving import defaults
+
 log = logging.getLogger("serving")
 
 T = TypeVar("T")  # what a request submits (e.g. the model snapshot and the RankRequest)
@@ -135,10 +137,10 @@ class BatcherConfig:
         20000
     """
 
-    max_batch_candidates: int = 1000
-    max_queue_delay_us: int = 2000
-    max_queue: int = 256
-    max_queue_wait_us: int = 0
+    max_batch_candidates: int = defaults.MAX_BATCH_CANDIDATES
+    max_queue_delay_us: int = defaults.MAX_QUEUE_DELAY_US
+    max_queue: int = defaults.MAX_QUEUE
+    max_queue_wait_us: int = round(defaults.MAX_QUEUE_WAIT_MS * 1000)
     enabled: bool = True
 
     def __post_init__(self) -> None:

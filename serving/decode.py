@@ -21,8 +21,9 @@ import numpy as np
 from features.columns import Jagged
 from features.fitted import FittedTransform
 from protos.ranking.v1 import ranker_pb2 as pb
+from serving import defaults
 
-DEFAULT_MAX_CANDIDATES = 1000
+DEFAULT_MAX_CANDIDATES = defaults.MAX_CANDIDATES
 _RESPONSE_FORMATS = tuple(pb.ResponseFormat.values())
 
 # Oneof kinds a raw type accepts; an empty list of either kind is accepted for any list type.

@@ -42,6 +42,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.ranking.v1 import ranker_pb2 as pb
 from protos.ranking.v1 import ranker_pb2_grpc as pb_grpc
+from serving import defaults
 from serving.batcher import BatcherClosed, BatcherConfig, BatchObserver, DeadlineExceeded, DynamicBatcher, QueueFull
 from serving.decode import DEFAULT_MAX_CANDIDATES, DecodedRequest, decode_request
 from serving.holder import LoadedModel, ModelHolder, ReloadEvent
@@ -75,11 +76,11 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 0
     max_candidates: int = DEFAULT_MAX_CANDIDATES
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = defaults.MAX_MESSAGE_MB * 1024 * 1024
     tls_cert: str | None = None
     tls_key: str | None = None
     batching: BatcherConfig = field(default_factory=BatcherConfig)
-    reload_interval_s: float = 0.0
+    reload_interval_s: float = defaults.RELOAD_INTERVAL_S
     metrics_port: int | None = None
     reuse_port: bool = False
     compile: bool = False

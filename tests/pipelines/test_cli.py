@@ -154,6 +154,23 @@ def test_help_defaults_are_the_config_defaults() -> None:
     assert dataclasses.asdict(synth)  # a dataclass: every field the help names exists
 
 
+def test_serve_defaults_are_the_servers_own() -> None:
+    """`ranker serve` with no options configures the server as ServerOptions() and BatcherConfig() do."""
+    from serving.batcher import BatcherConfig
+    from serving.server import ServerOptions
+
+    params = {p.name: p.default for p in dict(COMMANDS)[("serve",)].params}
+    server, batcher = ServerOptions(), BatcherConfig()
+    assert params["max_candidates"] == server.max_candidates
+    assert params["max_message_mb"] * 1024 * 1024 == server.max_message_bytes
+    assert params["reload_interval_s"] == server.reload_interval_s == 30.0
+    assert params["max_batch_candidates"] == batcher.max_batch_candidates
+    assert params["max_queue_delay_us"] == batcher.max_queue_delay_us
+    assert params["max_queue"] == batcher.max_queue
+    assert round(params["max_queue_wait_ms"] * 1000) == batcher.max_queue_wait_us
+    assert params["batching"] is batcher.enabled
+
+
 def test_the_ui_reads_the_same_default_store_as_the_commands() -> None:
     from pipelines.tracking import DEFAULT_DIR
     from pipelines.ui import STORE_DIR
