@@ -193,6 +193,8 @@ def fit(
         ValueError: not a features folder, a split missing, ``resume`` without a checkpoint.
     """
     cfg = fit_config or FitConfig()
+    if resume and (out is None or not (Path(out) / "checkpoints" / "last.ckpt").is_file()):
+        raise ValueError(f"resume: no checkpoint to resume from in {str(out)!r} (checkpoints/last.ckpt)")
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fitted = load_features(features_dir)
@@ -211,8 +213,6 @@ def fit(
         own.append(best)
     if cfg.early_stopping_patience > 0:
         own.append(EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.early_stopping_patience))
-    if resume and (out is None or not (Path(out) / "checkpoints" / "last.ckpt").is_file()):
-        raise ValueError(f"resume: no checkpoint to resume from in {str(out)!r} (checkpoints/last.ckpt)")
     precision = default_precision(cfg.accelerator, cfg.precision)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
