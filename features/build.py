@@ -2,7 +2,10 @@
 
 Layout written to ``out``::
 
-    train.parquet  val.parquet  [test.parquet]  transform.json  quarantine.parquet  summary.json
+    train.parquet  val.parquet  [test.parquet]  transform.json  [quarantine.parquet]  summary.json
+
+``quarantine.parquet`` is the build's own check; rows that come checked (``build(..., checked=...)``,
+the pipeline's validate step) are not checked again and leave none.
 
 Everything runs on Polars lazy frames and is written with ``sink_parquet`` (streaming), so the
 input is never materialised as a whole except where the spec asks for duplicate detection.
@@ -22,7 +25,7 @@ import polars as pl
 
 from features.fitted import FittedTransform, label_col
 from features.spec import FeatureSpec
-from features.validate import REASON, with_reason
+from features.validate import REASON, CheckCounts, with_reason
 
 SPLITS = ("train", "val", "test")
 SPLIT = "__split"
@@ -102,12 +105,19 @@ def build(
     spec: FeatureSpec,
     out: str | Path,
     train_end: date | None = None,
+    checked: CheckCounts | None = None,
 ) -> BuildSummary:
-    """Validate (quarantine), split, fit on the training rows only, transform and write every split.
+    """Validate (quarantine) unless ``checked``, split, fit on the training rows only, transform, write each split.
 
     A path source (a file, a folder, or a list of partition files) is read partition by partition
     (one Parquet file at a time) for the checking pass, so memory stays bounded by the largest
     partition; duplicate keys are then detected within a partition. A LazyFrame source is checked as a whole.
+
+    Args:
+        checked: the source holds only rows that already passed :func:`features.validate.with_reason`
+            (the pipeline's validate step, which keeps its own quarantine), and these are that check's
+            counts. The build then checks nothing: no quarantine file, no ``max_bad_fraction``; the
+            summary reports ``checked``. ``None`` (the default) checks here.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +131,9 @@ def build(
         parts = [pl.scan_parquet(f) for f in files]
     whole = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
     split = split_expr(whole, spec, train_end)
+    if checked is not None:
+        (out / "quarantine.parquet").unlink(missing_ok=True)  # an earlier build's, which these rows never saw
+        return _write_splits(whole.with_columns(split.alias(SPLIT)), spec, out, checked)
     # One streaming pass per partition checks every row and names its split; the rest reads it back.
     staged = out / "_staged"
     shutil.rmtree(staged, ignore_errors=True)
@@ -128,28 +141,30 @@ def build(
     try:
         for i, part in enumerate(parts):
             with_reason(part, spec).with_columns(split.alias(SPLIT)).sink_parquet(staged / f"part-{i:05d}.parquet")
-        return _build_from_staged(pl.scan_parquet(staged / "*.parquet"), spec, out)
+        rows = pl.scan_parquet(staged / "*.parquet")
+        counts = _quarantine(rows, spec, out)
+        return _write_splits(rows.filter(pl.col(REASON).is_null()).drop(REASON), spec, out, counts)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _build_from_staged(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> BuildSummary:
+def _quarantine(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> CheckCounts:
+    """Write the rows that break the spec to ``quarantine.parquet``; fail above ``max_bad_fraction``."""
     staged.filter(pl.col(REASON).is_not_null()).drop(SPLIT).sink_parquet(out / "quarantine.parquet")
-    counts = staged.group_by(REASON).len().collect(engine="streaming")
-    rows_in = int(counts["len"].sum())
-    quarantined = {
-        str(r): int(n) for r, n in counts.filter(pl.col(REASON).is_not_null()).sort("len", descending=True).iter_rows()
-    }
-    bad = sum(quarantined.values())
-    if rows_in == 0:
+    counts = CheckCounts.of(staged.group_by(REASON).len().collect(engine="streaming"))
+    if counts.rows == 0:
         raise ValueError("input has no rows")
-    if bad / rows_in > spec.validation.max_bad_fraction:
-        top = dict(list(quarantined.items())[:3])
+    if counts.bad / counts.rows > spec.validation.max_bad_fraction:
+        top = dict(list(counts.quarantined.items())[:3])
         raise ValueError(
-            f"{bad} of {rows_in} rows ({bad / rows_in:.0%}) break the {spec.name!r} spec, more than "
-            f"max_bad_fraction {spec.validation.max_bad_fraction:.0%}; top reasons: {top}"
+            f"{counts.bad} of {counts.rows} rows ({counts.bad / counts.rows:.0%}) break the {spec.name!r} spec, "
+            f"more than max_bad_fraction {spec.validation.max_bad_fraction:.0%}; top reasons: {top}"
         )
-    good = staged.filter(pl.col(REASON).is_null()).drop(REASON)
+    return counts
+
+
+def _write_splits(good: pl.LazyFrame, spec: FeatureSpec, out: Path, counts: CheckCounts) -> BuildSummary:
+    """Good rows (each with its split in ``SPLIT``) -> the fitted transform, every split's Parquet, the summary."""
     unknown = good.filter(~pl.col(SPLIT).is_in(SPLITS)).select(pl.col(SPLIT).first()).collect(engine="streaming")
     if unknown.height and unknown.item() is not None:
         raise ValueError(f"split column {spec.split.column!r} holds {unknown.item()!r}; expected one of {SPLITS}")
@@ -188,8 +203,8 @@ def _build_from_staged(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> Bu
         vocab_sizes={f.name: fitted.table_size(f.name) for f in spec.sparse},
         windows=windows,
         transform_hash=fitted.content_hash,
-        rows_in=rows_in,
-        quarantined=quarantined,
+        rows_in=counts.rows,
+        quarantined=counts.quarantined,
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

@@ -1,7 +1,8 @@
 """Row-level contract checks: rows that break the spec go to quarantine with a reason.
 
 Each rule is a (reason, expression) pair; the first rule a row breaks is its reason. Nothing is
-dropped silently: ``build`` writes quarantined rows to ``quarantine.parquet`` and counts them.
+dropped silently: ``build`` writes quarantined rows to ``quarantine.parquet`` and counts them
+(:class:`CheckCounts`); rows checked once upstream reach ``build`` with their counts instead.
 
 Example:
     >>> import polars as pl
@@ -13,6 +14,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import polars as pl
 from polars.expr.whenthen import ChainedThen, Then
@@ -63,3 +66,36 @@ def with_reason(lf: pl.LazyFrame, spec: FeatureSpec) -> pl.LazyFrame:
     for reason, bad in checks[1:]:
         expr = expr.when(bad.fill_null(False)).then(pl.lit(reason))
     return lf.with_columns(expr.otherwise(pl.lit(None, dtype=pl.String)).alias(REASON))
+
+
+@dataclass(frozen=True)
+class CheckCounts:
+    """What one check of some rows found: how many rows it saw, and the quarantined ones by reason.
+
+    Example:
+        >>> checked = pl.DataFrame({REASON: [None, "null user_id", "x < 0"], "len": [7, 2, 1]})
+        >>> counts = CheckCounts.of(checked)
+        >>> counts.rows, counts.quarantined, counts.bad
+        (10, {'null user_id': 2, 'x < 0': 1}, 3)
+        >>> (counts + counts).quarantined
+        {'null user_id': 4, 'x < 0': 2}
+    """
+
+    rows: int
+    quarantined: dict[str, int]  # reason -> rows, most frequent first (ties by name)
+
+    @classmethod
+    def of(cls, counts: pl.DataFrame) -> CheckCounts:
+        """From ``group_by(REASON).len()`` of checked rows (``REASON`` null: the good rows)."""
+        bad = counts.filter(pl.col(REASON).is_not_null()).sort(["len", REASON], descending=[True, False])
+        return cls(int(counts["len"].sum()), {str(r): int(n) for r, n in bad.select(REASON, "len").iter_rows()})
+
+    @property
+    def bad(self) -> int:
+        return sum(self.quarantined.values())
+
+    def __add__(self, other: CheckCounts) -> CheckCounts:
+        merged = dict(self.quarantined)
+        for reason, n in other.quarantined.items():
+            merged[reason] = merged.get(reason, 0) + n
+        return CheckCounts(self.rows + other.rows, dict(sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))))

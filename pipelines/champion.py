@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from features.spec import FeatureSpec
 from features.validate import REASON, with_reason
 from pipelines.config import PromotionGates
 from ranking.artifact import load_artifact
@@ -35,17 +36,20 @@ class HoldoutScore:
     task_types: dict[str, str]
 
 
-def score_holdout(artifact: str | Path, files: list[Path]) -> HoldoutScore:
-    """Transform the raw holdout ``files`` with the artifact's own fitted transform and score every metric.
+def score_holdout(artifact: str | Path, rows: pl.LazyFrame, checked_by: FeatureSpec | None = None) -> HoldoutScore:
+    """Transform the raw holdout ``rows`` with the artifact's own fitted transform and score every metric.
 
     Rows the artifact's spec rejects (the quarantine rules) are left out, as training left them out.
+    ``rows`` that already passed the rules of ``checked_by`` (the run's validate step) are not checked
+    again for an artifact of that same spec; an artifact of another spec (a champion from before
+    a spec change) still applies its own rules.
     """
     model, config, fitted, _ = load_artifact(artifact)
-    raw = pl.concat([pl.scan_parquet(f) for f in files], how="vertical_relaxed")
-    good = with_reason(raw, fitted.spec).filter(pl.col(REASON).is_null()).drop(REASON)
+    good = rows if fitted.spec == checked_by else with_reason(rows, fitted.spec).filter(
+        pl.col(REASON).is_null()).drop(REASON)
     frame = fitted.transform(good).collect()
     if frame.height == 0:
-        raise ValueError(f"holdout {[str(f) for f in files]} has no valid rows")
+        raise ValueError(f"the holdout has no rows that the {fitted.spec.name!r} spec of {str(artifact)!r} accepts")
     keys = fitted.spec.keys
     extra = {"user": keys.user, "request": keys.request, "true_relevance": "true_relevance"}
     table = FeatureTable(frame, config, {k: v for k, v in extra.items() if v is not None and v in frame.columns})

@@ -17,20 +17,14 @@ from pathlib import Path
 
 import polars as pl
 
-from features.build import day_expr, scan_log
-from features.datasets import scan_dataset
+from features.datasets import Partitions, scan_partitions
 from features.spec import FeatureSpec
 from pipelines.config import PipelineConfig
 
-DAY = "__day"
 
-
-def scan_source(cfg: PipelineConfig) -> pl.LazyFrame:
-    """The raw source as one lazy frame, through the dataset's adapter."""
-    path = cfg.source.path
-    if cfg.source.dataset == "synthetic":
-        return scan_log(path)
-    return scan_dataset(cfg.source.dataset, path)
+def scan_source(cfg: PipelineConfig, spec: FeatureSpec) -> Partitions:
+    """The raw source by day, through the dataset's adapter."""
+    return scan_partitions(cfg.source.dataset, cfg.source.path, spec)
 
 
 def synthesize_if_empty(cfg: PipelineConfig) -> int:
@@ -49,17 +43,9 @@ def synthesize_if_empty(cfg: PipelineConfig) -> int:
     return synth.days
 
 
-def _day(spec: FeatureSpec) -> pl.Expr:
-    expr = day_expr(spec)
-    if expr is None:
-        raise ValueError(f"dataset {spec.name!r} has no date column or timestamp; the pipeline needs daily data")
-    return expr
-
-
 def source_days(cfg: PipelineConfig, spec: FeatureSpec) -> list[date]:
     """Every day the source holds, oldest first."""
-    got = scan_source(cfg).select(_day(spec).unique().alias(DAY)).collect(engine="streaming")
-    return sorted(d for d in got[DAY].to_list() if d is not None)
+    return scan_source(cfg, spec).days()
 
 
 def lake_days(lake: Path) -> list[date]:
@@ -93,13 +79,12 @@ def ingest(
     have = set(lake_days(lake))
     todo = [d for d in days if overwrite or d not in have]
     rows: dict[str, int] = {}
-    source = scan_source(cfg)
-    day = _day(spec)
+    source = scan_source(cfg, spec)
     for d in todo:
         target = partition(lake, d)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".parquet.tmp")
-        source.filter(day == d).sink_parquet(tmp)
+        source.on(d).sink_parquet(tmp)
         rows[d.isoformat()] = pl.scan_parquet(tmp).select(pl.len()).collect().item()
         os.replace(tmp, target)  # a killed ingest leaves a .tmp, never a half partition
     return IngestResult(todo, rows)

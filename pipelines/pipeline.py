@@ -7,6 +7,8 @@ ingest → validate → features → train → evaluate → register → promote
 - **Resumable.** Each step's outputs go to ``<workdir>/runs/<as-of>/state.json`` when it ends;
   a rerun skips finished steps, training continues from its last checkpoint, and a version
   already registered for the run is found again instead of registered twice.
+- **Rows checked once.** The validate step checks each row of the window against the spec, keeps
+  the run's one quarantine and threshold, and writes the good rows; features and evaluate read those.
 - **One at a time.** An OS file lock per pipeline (released by the kernel if the holder dies).
 - **No half promotion.** The alias moves in one registry call, after the version and its tags
   exist, and only when every gate passes.
@@ -45,7 +47,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from features.spec import FeatureSpec, load_spec
-from features.validate import REASON, with_reason
+from features.validate import REASON, CheckCounts, with_reason
 from pipelines import lake, quiet, ui
 from pipelines.champion import GateCheck, HoldoutScore, check_gates, key_metrics, score_holdout
 from pipelines.config import PipelineConfig
@@ -70,6 +72,7 @@ from pipelines.tracking import (
 log = logging.getLogger("pipelines.pipeline")
 STEPS = ("ingest", "validate", "features", "train", "evaluate", "register", "promote", "report")
 TAG = "pipeline."
+ROWS = "rows"  # validate/rows/<window>.parquet: the window's good rows, the later steps' input
 
 
 @dataclass(frozen=True)
@@ -241,53 +244,71 @@ class Pipeline:
         self.state.mark("ingest", run_id=run_id, new_days=[d.isoformat() for d in got.new_days], rows=got.rows)
 
     def validate(self, parent: str, windows: lake.Windows) -> None:
+        """Check every row of the run's window once; the later steps read the good rows this writes.
+
+        Each window's days are checked together (a duplicate is one within the window). One polars
+        query writes the good rows (``validate/rows/<window>.parquet``), the bad ones
+        (``quarantine.parquet``, with their reason and window) and the counts, so the check runs once
+        per row; the features step builds from these rows without checking them again.
+        """
         out = self.run_dir / "validate"
-        out.mkdir(parents=True, exist_ok=True)
+        (out / ROWS).mkdir(parents=True, exist_ok=True)
         with self.child(parent, "validate") as run_id:
-            report: dict[str, Any] = {"splits": {}}
-            bad_frames = []
-            for split, days in (("train", windows.train), ("validation", windows.validation),
-                                ("holdout", windows.holdout)):
-                checked = with_reason(pl.concat([pl.scan_parquet(f) for f in lake.files(self.lake, days)],
-                                                how="vertical_relaxed"), self.spec)
-                counts = checked.group_by(REASON).len().collect(engine="streaming")
-                total = int(counts["len"].sum())
-                reasons = {str(r): int(n) for r, n in counts.filter(pl.col(REASON).is_not_null()).iter_rows()}
-                report["splits"][split] = {"rows": total, "quarantined": sum(reasons.values()), "reasons": reasons}
-                bad_frames.append(checked.filter(pl.col(REASON).is_not_null()).with_columns(
-                    pl.lit(split).alias("window")))
-            pl.concat(bad_frames, how="diagonal_relaxed").sink_parquet(out / "quarantine.parquet")
-            rows = sum(s["rows"] for s in report["splits"].values())
-            bad = sum(s["quarantined"] for s in report["splits"].values())
-            merged: dict[str, int] = {}
-            for s in report["splits"].values():
-                for r, n in s["reasons"].items():
-                    merged[r] = merged.get(r, 0) + n
-            report.update(rows=rows, quarantined=bad, reasons=merged,
+            checked = {name: with_reason(pl.concat([pl.scan_parquet(f) for f in lake.files(self.lake, days)],
+                                                   how="vertical_relaxed"), self.spec)
+                       for name, days in (("train", windows.train), ("validation", windows.validation),
+                                          ("holdout", windows.holdout))}
+            good = [lf.filter(pl.col(REASON).is_null()).drop(REASON).sink_parquet(self._rows_file(name), lazy=True)
+                    for name, lf in checked.items()]
+            bad = pl.concat([lf.filter(pl.col(REASON).is_not_null()).with_columns(pl.lit(name).alias("window"))
+                             for name, lf in checked.items()], how="diagonal_relaxed")
+            tallies = [lf.group_by(REASON).len() for lf in checked.values()]
+            done = pl.collect_all([*good, bad.sink_parquet(out / "quarantine.parquet", lazy=True), *tallies],
+                                  engine="streaming")
+            counts = {name: CheckCounts.of(frame) for name, frame in zip(checked, done[-len(tallies):], strict=True)}
+            total = sum(counts.values(), CheckCounts(0, {}))
+            rows, bad_rows, merged = total.rows, total.bad, total.quarantined
+            report: dict[str, Any] = {"splits": {
+                name: {"rows": c.rows, "quarantined": c.bad, "reasons": c.quarantined} for name, c in counts.items()}}
+            report.update(rows=rows, quarantined=bad_rows, reasons=merged,
                           max_bad_fraction=self.spec.validation.max_bad_fraction)
             (out / "quarantine_report.json").write_text(json.dumps(report, indent=1))
             self.client.log_artifact(run_id, str(out / "quarantine_report.json"))
-            if bad:
+            if bad_rows:
                 self.client.log_artifact(run_id, str(out / "quarantine.parquet"))
-            self.log_metrics(run_id, {"rows_checked": rows, "rows_quarantined": bad,
-                                      "bad_fraction": bad / rows if rows else 0.0})
+            self.log_metrics(run_id, {"rows_checked": rows, "rows_quarantined": bad_rows,
+                                      "bad_fraction": bad_rows / rows if rows else 0.0})
             if rows == 0:
                 raise ValueError(f"as-of {self.as_of}: the window {windows.to_dict()} holds no rows")
-            if bad / rows > self.spec.validation.max_bad_fraction:
+            if bad_rows / rows > self.spec.validation.max_bad_fraction:
                 raise ValueError(
-                    f"{bad} of {rows} rows ({bad / rows:.1%}) are quarantined, more than max_bad_fraction "
+                    f"{bad_rows} of {rows} rows ({bad_rows / rows:.1%}) are quarantined, more than max_bad_fraction "
                     f"{self.spec.validation.max_bad_fraction:.0%}; reasons {merged}; see {out / 'quarantine.parquet'}"
                 )
-        log.info("validate: %d rows, %d quarantined %s", rows, bad, merged)
-        self.state.mark("validate", run_id=run_id, rows=rows, quarantined=bad, reasons=merged)
+        log.info("validate: %d rows, %d quarantined %s", rows, bad_rows, merged)
+        self.state.mark("validate", run_id=run_id, rows=rows, quarantined=bad_rows, reasons=merged,
+                        splits=report["splits"])
+
+    def _rows_file(self, window: str) -> Path:
+        return self.run_dir / "validate" / ROWS / f"{window}.parquet"
+
+    def read_checked(self, *names: str) -> tuple[pl.LazyFrame, CheckCounts]:
+        """The good rows of the named windows as the validate step wrote them, and that step's counts of them."""
+        files = [self._rows_file(name) for name in names]
+        gone = [str(f) for f in files if not f.is_file()]
+        if gone:
+            raise ValueError(f"{self.key}: the validate step's rows {gone} are gone; --force runs the day again")
+        splits = self.state.out("validate")["splits"]
+        counts = sum((CheckCounts(splits[n]["rows"], splits[n]["reasons"]) for n in names), CheckCounts(0, {}))
+        return pl.concat([pl.scan_parquet(f) for f in files], how="vertical_relaxed"), counts
 
     def features(self, parent: str, windows: lake.Windows) -> None:
         from features.build import build
 
         out = self.run_dir / "features"
+        rows, counts = self.read_checked("train", "validation")
         with self.child(parent, "features") as run_id:
-            summary = build(lake.files(self.lake, windows.train + windows.validation), self.spec, out,
-                            train_end=windows.train[-1])
+            summary = build(rows, self.spec, out, train_end=windows.train[-1], checked=counts)
             stats = pl.scan_parquet(out / "train.parquet").describe()
             stats.write_csv(out / "feature_stats.csv")
             for name in ("transform.json", "summary.json", "feature_stats.csv"):
@@ -349,10 +370,11 @@ class Pipeline:
 
     def evaluate(self, parent: str, windows: lake.Windows) -> None:
         files = lake.files(self.lake, windows.holdout)
+        rows, _ = self.read_checked("holdout")
         champion = self.champion()
         with self.child(parent, "evaluate") as run_id:
-            chal = score_holdout(self.state.out("train")["artifact"], files)
-            champ: HoldoutScore | None = score_holdout(champion[1], files) if champion else None
+            chal = score_holdout(self.state.out("train")["artifact"], rows, checked_by=self.spec)
+            champ: HoldoutScore | None = score_holdout(champion[1], rows, checked_by=self.spec) if champion else None
             checks = check_gates(chal.metrics, champ.metrics if champ else None, chal.task_types, self.cfg.gates)
             self.log_metrics(run_id, {f"challenger/{k}": v for k, v in chal.metrics.items()})
             if champ is not None:

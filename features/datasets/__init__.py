@@ -1,8 +1,10 @@
 """Dataset adapters: a dataset's files -> one lazy frame of raw rows that its spec describes.
 
-Each adapter takes a path and returns a ``pl.LazyFrame`` whose columns the dataset's spec
-(``features/specs/<name>.yaml``) names: keys, raw inputs, labels and, where the split is fixed by
-the data, a split column. Nothing is collected until the build runs.
+Each adapter (``features/datasets/<name>.py``) has a ``scan(path)`` that returns a
+``pl.LazyFrame`` whose columns the dataset's spec (``features/specs/<name>.yaml``) names: keys,
+raw inputs, labels and, where the split is fixed by the data, a split column. Nothing is collected
+until the build runs. :func:`scan_partitions` gives any of them as days (:class:`Partitions`),
+which is how the pipeline's lake reads a source whatever the dataset.
 
 Example:
     >>> sorted(ADAPTERS)
@@ -16,25 +18,49 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import polars as pl
 
-from features.datasets import census, kuairand
-
-
-def _synthetic(path: str | Path) -> pl.LazyFrame:
-    """The synthetic log (a Parquet file or a folder of them), as written by ``ranker data synth``."""
-    from features.build import scan_log  # lazily: features.build imports this registry
-
-    return scan_log(path)
-
+from features.build import day_expr
+from features.datasets import census, kuairand, synthetic
+from features.spec import FeatureSpec
 
 ADAPTERS: dict[str, Callable[[str | Path], pl.LazyFrame]] = {
-    "synthetic": _synthetic,
+    "synthetic": synthetic.scan,
     "kuairand": kuairand.scan,
     "census": census.scan,
 }
+_DAY = "__day"
+
+
+@dataclass(frozen=True)
+class Partitions:
+    """A source's rows by day: every raw row as one lazy frame, and the expression naming each row's day.
+
+    Example:
+        >>> from datetime import datetime
+        >>> rows = pl.LazyFrame({"ts": [datetime(2026, 1, 2, 9), datetime(2026, 1, 1, 8), datetime(2026, 1, 2)]})
+        >>> parts = Partitions(rows, pl.col("ts").dt.date())
+        >>> parts.days()
+        [datetime.date(2026, 1, 1), datetime.date(2026, 1, 2)]
+        >>> parts.on(date(2026, 1, 2)).select(pl.len()).collect().item()
+        2
+    """
+
+    frame: pl.LazyFrame
+    day: pl.Expr  # pl.Date
+
+    def days(self) -> list[date]:
+        """Every day the rows hold, oldest first (rows without a day belong to none)."""
+        got = self.frame.select(self.day.unique().alias(_DAY)).collect(engine="streaming")
+        return sorted(d for d in got[_DAY].to_list() if d is not None)
+
+    def on(self, day: date) -> pl.LazyFrame:
+        """The rows of one day."""
+        return self.frame.filter(self.day == day)
 
 
 def scan_dataset(name: str, path: str | Path) -> pl.LazyFrame:
@@ -43,9 +69,27 @@ def scan_dataset(name: str, path: str | Path) -> pl.LazyFrame:
     Raises:
         ValueError: ``name`` is not a registered dataset, or the adapter rejects the files.
     """
+    return _adapter(name)(path)
+
+
+def scan_partitions(name: str, path: str | Path, spec: FeatureSpec) -> Partitions:
+    """Scan ``path`` with the adapter ``name``, cut into days by ``spec`` (its date column or timestamp key).
+
+    Raises:
+        ValueError: ``name`` is not a registered dataset, the adapter rejects the files, or the
+            spec gives rows no day (a dataset with a fixed split column, such as census).
+    """
+    scan = _adapter(name)
+    day = day_expr(spec)
+    if day is None:
+        raise ValueError(f"dataset {spec.name!r} has no date column or timestamp key: its rows have no day")
+    return Partitions(scan(path), day)
+
+
+def _adapter(name: str) -> Callable[[str | Path], pl.LazyFrame]:
     if name not in ADAPTERS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(ADAPTERS)}")
-    return ADAPTERS[name](path)
+    return ADAPTERS[name]
 
 
-__all__ = ["ADAPTERS", "scan_dataset"]
+__all__ = ["ADAPTERS", "Partitions", "scan_dataset", "scan_partitions"]

@@ -55,3 +55,28 @@ def test_train_end_override_and_dates_split(raw: pl.DataFrame, spec: FeatureSpec
     assert s.windows["test"] == {"start": "2026-01-03", "end": "2026-01-03"}
     with pytest.raises(ValueError, match="leaves no training or no validation days"):
         build(raw.lazy(), spec, tmp_path / "c", train_end=date(2026, 1, 3))
+
+
+def test_rows_that_come_checked_are_not_checked_again(raw: pl.DataFrame, spec: FeatureSpec, tmp_path: Path) -> None:
+    """The pipeline's validate step checks once; a build of its good rows writes no quarantine and keeps its counts."""
+    from features.validate import REASON, CheckCounts, with_reason
+
+    bad = _corrupt(raw)
+    reasons = with_reason(bad.lazy(), spec)
+    good = reasons.filter(pl.col(REASON).is_null()).drop(REASON)
+    counts = CheckCounts.of(reasons.group_by(REASON).len().collect())
+    (tmp_path / "quarantine.parquet").write_text("an earlier build's")
+    s = build(good, spec, tmp_path, checked=counts)
+    assert not (tmp_path / "quarantine.parquet").exists()
+    assert (s.rows_in, s.quarantined) == (bad.height, counts.quarantined)
+    assert s.quarantined == {"duplicate (request_id, item_id)": 2, "click not in {0, 1}": 1, "null user_id": 1,
+                             "watch_time_s < 0": 1}  # most frequent first, ties by name
+    assert sum(s.rows.values()) == good.select(pl.len()).collect().item() == raw.height - 3
+    # the same build checking by itself: the same rows, labels and vocabularies, and its own quarantine
+    own = build(bad.lazy(), spec, tmp_path / "own")
+    assert (own.rows, own.rows_in, own.quarantined, own.label_rates, own.vocab_sizes) == (
+        s.rows, s.rows_in, s.quarantined, s.label_rates, s.vocab_sizes)
+    assert pl.read_parquet(tmp_path / "own" / "quarantine.parquet").height == 5
+    # nothing is checked: a row the spec rejects passes through (the caller vouched for the rows)
+    unchecked = build(bad.lazy(), spec, tmp_path / "trusted", checked=CheckCounts(bad.height, {}))
+    assert sum(unchecked.rows.values()) == bad.height and unchecked.quarantined == {}
