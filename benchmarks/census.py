@@ -41,7 +41,8 @@ import torch
 from features.build import build
 from features.datasets import scan_dataset
 from features.spec import load_spec
-from pipelines.train import TrainConfig, train
+from pipelines.train import train
+from pipelines.train_config import TrainConfig
 from ranking.artifact import build_model
 from ranking.config import ModelConfig
 from ranking.train import FitConfig, OptimConfig, RankingDataModule, RankingModule, fit, load_features
@@ -149,7 +150,7 @@ def _module(features: Path, seed: int) -> tuple[RankingModule, RankingDataModule
     mconf = ModelConfig.from_fitted(load_features(features), model="mmoe", **PEER_SHAPE)
     data = RankingDataModule(features, mconf, batch_size=1024, seed=seed)
     data.setup()
-    module = RankingModule(build_model(mconf), mconf, PEER_OPTIM, seed=seed)
+    module = RankingModule(build_model(mconf), mconf, FitConfig(optim=PEER_OPTIM, seed=seed))
     return module, data
 
 

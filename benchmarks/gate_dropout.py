@@ -38,7 +38,7 @@ import torch
 from features.build import build
 from features.datasets import scan_dataset
 from features.spec import load_spec
-from ranking.config import ModelConfig
+from ranking.config import GateConfig, ModelConfig
 from ranking.gate_health import GateHealth
 from ranking.train import FitConfig, OptimConfig, fit, load_features
 
@@ -79,7 +79,7 @@ def train_once(features: Path, setting: Setting, seed: int, gate_dropout: float)
     """Train one MMoE through ``ranking.train.fit`` and measure gates (validation) and test metrics."""
     start = time.perf_counter()
     config = ModelConfig.from_fitted(load_features(features), model="mmoe", num_experts=setting.num_experts,
-                                     gate_dropout=gate_dropout)
+                                     gate=GateConfig(dropout=gate_dropout))
     result = fit(features, config, FitConfig(epochs=setting.epochs, batch_size=setting.batch_size,
                                              optim=OptimConfig(lr=setting.lr), seed=seed, accelerator="cpu",
                                              limit_train_batches=setting.limit_train_batches))

@@ -45,7 +45,8 @@ import torch
 from features.build import build
 from features.datasets import scan_dataset
 from features.spec import load_spec
-from pipelines.train import TrainConfig, train
+from pipelines.train import train
+from pipelines.train_config import TrainConfig
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 

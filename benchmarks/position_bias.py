@@ -29,7 +29,8 @@ from features.build import build
 from features.fitted import FittedTransform, sparse_col
 from features.spec import load_spec, parse_spec
 from features.synthetic import SynthConfig, write_log
-from pipelines.train import TrainConfig, train
+from pipelines.train import train
+from pipelines.train_config import TrainConfig
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 from ranking.metrics import ndcg_at_k

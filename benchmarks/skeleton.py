@@ -1,8 +1,9 @@
 """Throughput of the walking skeleton's stages on the default synthetic data, in one run.
 
 Measures: synthetic generation rows/s, feature build (fit + transform + write) rows/s, the batch
-loader's samples/s alone, and the training step's samples/s (forward + backward + Adam), so the
-loader/step ratio shows whether training waits on data.
+loader's samples/s alone, the training step's samples/s (``RankingModule``'s own step and optimiser:
+forward + loss + backward + Adam), so the loader/step ratio shows whether training waits on data, and
+one epoch through ``ranking.train.fit`` (Lightning's loop around the same step, no validation).
 
     .venv/bin/python benchmarks/skeleton.py [--requests-per-day 3000]
 """
@@ -23,7 +24,7 @@ from features.synthetic import config_with, write_log
 from ranking.artifact import build_model
 from ranking.batch import Batch
 from ranking.config import ModelConfig
-from ranking.train import MultiTaskLoss, RankingDataModule, load_features
+from ranking.train import FitConfig, RankingDataModule, RankingModule, fit, load_features
 
 
 def main() -> None:
@@ -57,21 +58,26 @@ def main() -> None:
                 break
         load_s = time.perf_counter() - t
 
-        model = build_model(mconf).train()
-        loss_fn = MultiTaskLoss.for_model(mconf)
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        training = FitConfig(batch_size=args.batch_size, epochs=1, validate=False, final_eval=False,
+                             accelerator="cpu", limit_train_batches=args.steps)
+        module = RankingModule(build_model(mconf), mconf, training).train()
+        opt = module.configure_optimizers()
 
-        def step(b: Batch) -> None:
+        def step(i: int, b: Batch) -> None:
             opt.zero_grad()
-            loss_fn.of_batch(model(b.sparse, b.dense, b.position), b).total.backward()
+            module.training_step(b, i).backward()
             opt.step()
 
-        for b in batches[:10]:  # warm-up
-            step(b)
+        for i, b in enumerate(batches[:10]):  # warm-up
+            step(i, b)
         t = time.perf_counter()
-        for b in batches:
-            step(b)
+        for i, b in enumerate(batches):
+            step(i, b)
         step_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        fit(work / "features", mconf, training)  # the same steps in Lightning's loop (its start-up included)
+        fit_s = time.perf_counter() - t
 
     n = args.steps * args.batch_size
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -80,6 +86,8 @@ def main() -> None:
     print(f"batch loader         : {n / load_s:12,.0f} samples/s")
     print(f"training step        : {n / step_s:12,.0f} samples/s   (batch {args.batch_size}, MMoE defaults)")
     print(f"loader / step ratio  : {step_s / load_s:12.1f}x")
+    print(f"fit, one epoch       : {n / fit_s:12,.0f} samples/s   ({args.steps} steps through ranking.train.fit, "
+          f"{fit_s:.2f}s with the Trainer's start-up)")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import logging
 import os
 import shlex
 import sys
-import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import date
 from pathlib import Path
@@ -29,8 +28,10 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
-from pipelines import errors
+from features.synthetic_config import SynthConfig
+from pipelines import errors, quiet
 from pipelines.errors import reading
+from pipelines.train_config import TrainConfig
 from serving import defaults as serve_defaults
 
 PACKAGE = "mmoe-ranker"
@@ -72,6 +73,10 @@ class RankerGroup(TyperGroup):
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
+
+# The defaults `--help` shows are the configs' own (both modules are standard library + pydantic only).
+TRAIN = TrainConfig(features=Path("."), out=Path("."), tracking_uri="")
+SYNTH = SynthConfig()
 
 app = typer.Typer(cls=RankerGroup, help="MMoE multi-task ranker: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -120,6 +125,7 @@ def _setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,  # imports (fbgemm_gpu) may already have configured the root logger
     )
+    quiet.install()  # before the heavy libraries load (on first use, some after this): their banners drop
 
 
 def _day(value: str | None, flag: str) -> date | None:
@@ -152,61 +158,25 @@ def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-def typed_fields(cls: type, values: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
-    """``values`` checked against the field types of the dataclass ``cls`` and coerced (``1`` -> ``1.0``).
-
-    Names that ``cls`` lacks pass unchanged (the config refuses them with the list of known fields).
-
-    Raises:
-        ValueError: ``"<where(name)>: expects <type>, got <value>"`` for the first value of a wrong type.
-
-    Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class Knobs:
-        ...     epochs: int = 2
-        >>> typed_fields(Knobs, {"epochs": "two"}, lambda name: f"--set {name}")
-        Traceback (most recent call last):
-        ...
-        ValueError: --set epochs: expects int, got 'two'
-    """
-    from pydantic import TypeAdapter, ValidationError
-
-    hints = typing.get_type_hints(cls)
-    out = dict(values)
-    for name, value in values.items():
-        if name not in hints:
-            continue
-        try:
-            out[name] = TypeAdapter(hints[name]).validate_python(value)
-        except ValidationError:
-            raise ValueError(f"{where(name)}: expects {_type_name(hints[name])}, got {value!r}") from None
-        if isinstance(value, list | tuple):
-            out[name] = tuple(out[name])
-    return out
-
-
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder (date=YYYY-MM-DD/ partitions).")],
-    days: Annotated[int | None, typer.Option(help="Days of impressions.", show_default="7")] = None,
-    users: Annotated[int | None, typer.Option(help="Number of users.", show_default="2000")] = None,
-    items: Annotated[int | None, typer.Option(help="Number of items.", show_default="10000")] = None,
-    requests_per_day: Annotated[int | None, typer.Option(help="Requests per day.", show_default="3000")] = None,
-    slate_size: Annotated[int | None, typer.Option(help="Candidates shown per request.", show_default="20")] = None,
+    days: Annotated[int | None, typer.Option(help="Days of impressions.", show_default=str(SYNTH.days))] = None,
+    users: Annotated[int | None, typer.Option(help="Number of users.", show_default=str(SYNTH.users))] = None,
+    items: Annotated[int | None, typer.Option(help="Number of items.", show_default=str(SYNTH.items))] = None,
+    requests_per_day: Annotated[int | None, typer.Option(
+        help="Requests per day.", show_default=str(SYNTH.requests_per_day))] = None,
+    slate_size: Annotated[int | None, typer.Option(
+        help="Candidates shown per request.", show_default=str(SYNTH.slate_size))] = None,
     correlation: Annotated[float | None, typer.Option(
-        help="Engagement/satisfaction correlation, in [-1, 1].", show_default="0.6")] = None,
+        help="Engagement/satisfaction correlation, in [-1, 1].", show_default=str(SYNTH.correlation))] = None,
     position_bias: Annotated[float | None, typer.Option(
-        help="Exponent of the examination curve (0: no position effect).", show_default="1.0")] = None,
+        help="Exponent of the examination curve (0: no position effect).", show_default=str(SYNTH.position_bias))
+    ] = None,
     policy_promotion: Annotated[float | None, typer.Option(
-        help="Logging-policy boost for promoted categories (a position confounder).", show_default="0.0")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default="0")] = None,
+        help="Logging-policy boost for promoted categories (a position confounder).",
+        show_default=str(SYNTH.policy_promotion))] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default=str(SYNTH.seed))] = None,
 ) -> None:
     """Write a synthetic YouTube-like impression log as date-partitioned Parquet."""
     _out_folder(out)
@@ -274,27 +244,30 @@ STORE_DEFAULT = "MLFLOW_TRACKING_URI, else sqlite:///.mlflow/mlflow.db"
 def train_cmd(
     features: Annotated[Path, typer.Option(help="Output of `ranker features build`.")],
     model: Annotated[str | None, typer.Option(
-        help="mmoe, ple, omoe, shared_bottom or single_task.", show_default="mmoe")] = None,
+        help="mmoe, ple, omoe, shared_bottom or single_task.", show_default=TRAIN.model)] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML of training fields (+ model_config: {...}).", show_default="none")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Model config override key=value (repeatable; JSON values, checked against the field's type).",
         show_default="none")] = None,
     out: Annotated[Path, typer.Option(help="Folder for checkpoints, artifact, metrics.json.")] = Path("runs/latest"),
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default="2")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per batch.", show_default="1024")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate.", show_default="0.002")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for weights, shuffling and dropout.", show_default="0")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default=str(TRAIN.epochs))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch.", show_default=str(TRAIN.batch_size))] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.", show_default=str(TRAIN.lr))] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed for weights, shuffling and dropout.", show_default=str(TRAIN.seed))] = None,
     accelerator: Annotated[str | None, typer.Option(
-        help="Lightning accelerator: auto, cpu, gpu.", show_default="auto")] = None,
-    devices: Annotated[str | None, typer.Option(help="Devices per node (e.g. 2, or auto).", show_default="1")] = None,
+        help="Lightning accelerator: auto, cpu, gpu.", show_default=TRAIN.accelerator)] = None,
+    devices: Annotated[str | None, typer.Option(
+        help="Devices per node (e.g. 2, or auto).", show_default=str(TRAIN.devices))] = None,
     strategy: Annotated[str | None, typer.Option(
-        help="Lightning strategy: auto, ddp or torchrec (sharded tables).", show_default="auto")] = None,
+        help="Lightning strategy: auto, ddp or torchrec (sharded tables).", show_default=TRAIN.strategy)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.", show_default=STORE_DEFAULT)] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.", show_default="ranker")] = None,
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment name.", show_default=TRAIN.experiment)] = None,
     register_as: Annotated[str | None, typer.Option(
-        help="Registered model name ('' = don't register).", show_default="ranker")] = None,
+        help="Registered model name ('' = don't register).", show_default=str(TRAIN.register_as))] = None,
     alias: Annotated[str | None, typer.Option(
         help="Point this alias at the new version (the pipeline's gates move the champion).",
         show_default="none: no alias moves")] = None,
@@ -318,16 +291,13 @@ def train_cmd(
     store = tracking_uri or default_tracking_uri()
     with reading("tracking store", store):
         uri = check_reachable(store)  # seconds, not MLflow's minutes of retries
-    from pipelines.train import TrainConfig, load_config_file, parse_overrides, train
-    from ranking.config import ModelConfig
+    from pipelines.train import train
+    from pipelines.train_config import load_config_file, merge_overrides, parse_overrides
+    from pipelines.train_config import model_overrides as typed_overrides
 
     with reading("config file", config) if config else nullcontext():
         fields, model_overrides = load_config_file(config) if config else ({}, {})
-    if config is not None:
-        fields = typed_fields(TrainConfig, fields, lambda n: f"config file {str(config)!r}: field {n!r}")
-        model_overrides = typed_fields(ModelConfig, model_overrides,
-                                       lambda n: f"config file {str(config)!r}: field 'model_config.{n}'")
-    overrides = typed_fields(ModelConfig, parse_overrides(set_ or []), lambda n: f"--set {n}")
+    overrides = typed_overrides(parse_overrides(set_ or []), "--set")
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "accelerator": accelerator,
              "strategy": strategy, "devices": (int(devices) if devices and devices.isdigit() else devices),
              "model": model, "experiment": experiment, "register_as": register_as, "alias": alias}
@@ -342,7 +312,7 @@ def train_cmd(
     if resume:
         fields["resume"] = True
     cfg = TrainConfig(features=features, out=out, tracking_uri=uri,
-                      model_overrides={**model_overrides, **overrides}, **fields)
+                      model_overrides=merge_overrides(model_overrides, overrides), **fields)
     _setup_logging()  # after the checks and imports: an error line comes first, and imports log nothing
     last = out / "checkpoints" / "last.ckpt"
     errors.on_interrupt(lambda: f"rerun with --resume to continue from {last}" if last.is_file() else None)
@@ -492,6 +462,7 @@ def _setup_serve_process(log_format: str, torch_threads: int) -> None:
     if log_format == "json":
         logging.getLogger().handlers.clear()  # imports (fbgemm_gpu) may have added a plain handler
         setup_json_logging("INFO")
+        quiet.install()
     else:
         _setup_logging()
 
@@ -584,20 +555,6 @@ def _pipeline_config(config: str, workdir: Path | None = None, tracking_uri: str
     return cfg
 
 
-def _check_train_fields(cfg: Any) -> None:
-    """The pipeline's ``train:`` values against the types of ``ranker train``'s fields, before any work."""
-    from pipelines.train import TrainConfig
-    from ranking.config import ModelConfig
-
-    where = f"pipeline config {str(cfg.path)!r}"
-    fields = dict(cfg.train)
-    model = fields.pop("model_config", None) or {}
-    if not isinstance(model, dict):
-        raise ValueError(f"{where}: field 'train.model_config' must be a mapping, got {model!r}")
-    typed_fields(TrainConfig, fields, lambda n: f"{where}: field 'train.{n}'")
-    typed_fields(ModelConfig, model, lambda n: f"{where}: field 'train.model_config.{n}'")
-
-
 def _command(*args: str | Path | None) -> str:
     """A ``ranker`` command line to show; flags whose value is None are left out (pairs: flag, value)."""
     words: list[str] = []
@@ -634,7 +591,6 @@ def pipeline_run(
     store = cfg.tracking_uri or default_tracking_uri()
     with reading("tracking store", store):
         check_reachable(store)  # before the training stack is imported (the pipeline checks it again)
-    _check_train_fields(cfg)
     _setup_logging()
     from pipelines.pipeline import run_pipeline
 

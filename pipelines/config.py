@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines.train_config import error_line, train_section
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -84,9 +86,10 @@ class PromotionGates(_Section):
 class PipelineConfig(_Section):
     """Everything one scheduled pipeline needs (see ``pipelines/configs/*.yaml``).
 
-    ``train`` holds :class:`pipelines.train.TrainConfig` fields (``model``, ``epochs``, ``lr``,
+    ``train`` holds :class:`pipelines.train_config.TrainConfig` fields (``model``, ``epochs``, ``lr``,
     ``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ...) and an optional ``model_config``
-    mapping of model-shape fields (typed against those classes before any work); ``warm_start``
+    mapping of model-shape fields, typed by the schema ``ranker train --config`` uses
+    (:func:`pipelines.train_config.train_section`: only the fields given, coerced); ``warm_start``
     initialises the challenger from the champion's weights (embedding rows matched by raw id
     across the two vocabularies).
     """
@@ -180,10 +183,11 @@ def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     spec = data.get("spec")
     if isinstance(spec, str) and spec.endswith((".yaml", ".yml")):
         data["spec"] = str(resolve(spec))
+    where = f"pipeline config {str(path)!r}"
     try:
-        return PipelineConfig.model_validate({**data, "path": path.resolve()})
+        cfg = PipelineConfig.model_validate({**data, "path": path.resolve()})
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        got = f" (got {first['input']!r})" if first["type"] != "missing" else ""
-        raise ValueError(f"invalid pipeline config {str(path)!r}: field {loc!r}: {first['msg']}{got}") from None
+        raise ValueError(error_line(where, e)) from None
+    # The train: section through the same schema as `ranker train --config` (typed, only what is given).
+    fields, model = train_section(cfg.train, where, pipeline=True, prefix="train.")
+    return cfg.model_copy(update={"train": {**fields, **({"model_config": model} if model else {})}})

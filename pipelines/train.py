@@ -6,13 +6,12 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
-import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import MLFlowLogger
@@ -31,70 +30,12 @@ from pipelines.tracking import (
     reopen,
     system_metrics,
 )
+from pipelines.train_config import TrainConfig
 from ranking.artifact import export_artifact
-from ranking.config import MODEL_KINDS, ModelConfig
-from ranking.train import FitConfig, FitResult, LossConfig, OptimConfig, RankingModule, fit, load_features
+from ranking.config import ModelConfig
+from ranking.train import FitResult, RankingModule, fit, load_features
 
 log = logging.getLogger("pipelines.train")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What ``ranker train`` needs; model-shape fields go through ``model_overrides``."""
-
-    features: Path
-    out: Path
-    tracking_uri: str
-    model: str = "mmoe"
-    # How to train: ranking.train's FitConfig, OptimConfig and LossConfig (their defaults, defined there once).
-    epochs: int = FitConfig.epochs
-    batch_size: int = FitConfig.batch_size
-    lr: float = OptimConfig.lr
-    weight_decay: float = OptimConfig.weight_decay  # on dense layers only
-    embedding_lr: float | None = OptimConfig.embedding_lr  # None = lr (Adam), 0.05 (torchrec fused)
-    embedding_weight_decay: float = OptimConfig.embedding_weight_decay  # decoupled, every row, every step
-    embedding_l2: float = LossConfig.embedding_l2  # L2 on the embedding rows each batch looks up
-    loss_weighting: Literal["fixed", "uncertainty"] = LossConfig.weighting
-    seed: int = FitConfig.seed
-    accelerator: str = FitConfig.accelerator
-    devices: int | str = FitConfig.devices
-    num_nodes: int = FitConfig.num_nodes  # multi-node DDP: one process per device on every node
-    strategy: str = FitConfig.strategy  # "ddp" (gloo on CPU, nccl on GPU) or "torchrec" (sharded tables)
-    sharding_type: str | None = FitConfig.sharding_type  # torchrec: table_wise, row_wise, ...; None = planner
-    embedding_optimizer: str = FitConfig.embedding_optimizer  # torchrec: fused optimizer of the tables
-    precision: str | None = FitConfig.precision  # None: bf16-mixed on GPU, 32-true on CPU
-    monitor: str = FitConfig.monitor  # selection and early-stopping metric
-    monitor_mode: Literal["min", "max"] = FitConfig.monitor_mode
-    early_stopping_patience: int = FitConfig.early_stopping_patience  # 0 = off
-    resume: bool = False  # continue from out/checkpoints/last.ckpt when it exists
-    experiment: str = "ranker"
-    register_as: str | None = "ranker"
-    alias: str | None = None  # no alias moves unless asked: the pipeline's gates move the champion
-    limit_train_batches: int | float = FitConfig.limit_train_batches
-    progress_bar: bool = True  # a bar when stderr is a terminal; a log line per epoch (rows/s) either way
-    init_from: Path | None = None  # warm start: an inference artifact folder (e.g. the champion's)
-    run_name: str | None = None  # None: <dataset>-<model>-<UTC yyyymmdd-hhmm>, e.g. kuairand-mmoe-20261202-1403
-    run_tags: dict[str, str] = field(default_factory=dict)  # e.g. mlflow.parentRunId of a pipeline run
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"unknown --model {self.model!r}; available: {list(MODEL_KINDS)}")
-        self.fit_config()  # every training field checked where it is defined
-
-    def fit_config(self) -> FitConfig:
-        """The training fields as ``ranking.train.fit`` takes them."""
-        return FitConfig(
-            epochs=self.epochs, batch_size=self.batch_size,
-            optim=OptimConfig(lr=self.lr, weight_decay=self.weight_decay, embedding_lr=self.embedding_lr,
-                              embedding_weight_decay=self.embedding_weight_decay),
-            loss=LossConfig(weighting=self.loss_weighting, embedding_l2=self.embedding_l2),
-            seed=self.seed, accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
-            strategy=self.strategy, sharding_type=self.sharding_type, embedding_optimizer=self.embedding_optimizer,
-            precision=self.precision, monitor=self.monitor, monitor_mode=self.monitor_mode,
-            early_stopping_patience=self.early_stopping_patience, limit_train_batches=self.limit_train_batches,
-            progress_bar=True,  # the Progress callback: a bar at a terminal, log lines otherwise
-        )
 
 
 @dataclass(frozen=True)
@@ -106,42 +47,6 @@ class TrainResult:
     seconds: float
     best_epoch: int | None = None
     primary: bool = True  # False on the non-zero ranks of a distributed run (they log and export nothing)
-
-
-INTERNAL_FIELDS = {"features", "out", "tracking_uri", "model_overrides", "init_from", "run_name", "run_tags"}
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["num_experts=8", "expert_dims=[64,32]"]`` -> typed dict (values parsed as JSON when possible)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def load_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A YAML file of training fields plus an optional ``model:`` mapping of model-config fields.
-
-    Returns ``(train_fields, model_overrides)``; unknown training fields are an error naming them.
-    """
-    if not path.is_file():
-        raise ValueError(f"config file not found: {str(path)!r}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-    model = data.pop("model_config", {}) or {}
-    known = {f.name for f in fields(TrainConfig)} - INTERNAL_FIELDS
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown training field(s) {unknown} in {str(path)!r}; known: {sorted(known)}")
-    return data, {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
 
 
 class GateHeatmaps(L.Callback):

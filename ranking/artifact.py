@@ -25,7 +25,8 @@ from ranking.config import ModelConfig
 from ranking.mmoe import MMoE
 from ranking.models import PLE, OMoE, RankingModel, SharedBottom, SingleTask
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2 (2026-12-07): the gate's settings nested under model_config.json's "gate"
+READABLE_FORMATS = (1, 2)  # format 1's flat gate fields are migrated by ModelConfig.from_dict
 FILES = ("model_config.json", "weights.pt", "transform.json", "metadata.json")
 
 
@@ -92,8 +93,9 @@ def load_artifact(path: str | Path) -> tuple[RankingModel, ModelConfig, FittedTr
     if missing:
         raise ValueError(f"not an inference artifact: {str(path)!r} lacks {missing}")
     meta = _read_json(path / "metadata.json")
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"unsupported artifact format {meta.get('format')!r} in {str(path)!r}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"unsupported artifact format {meta.get('format')!r} in {str(path)!r}; "
+                         f"this version reads {list(READABLE_FORMATS)}")
     config = ModelConfig.from_dict(_read_json(path / "model_config.json"))
     fitted = FittedTransform.load(path / "transform.json")
     model = build_model(config)

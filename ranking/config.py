@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from features.fitted import FittedTransform
+if TYPE_CHECKING:  # a type only: this module stays standard library (the command line reads its defaults)
+    from features.fitted import FittedTransform
 
 ModelKind = Literal["single_task", "shared_bottom", "omoe", "mmoe", "ple"]
 GateKind = Literal["softmax", "noisy_topk"]
@@ -45,31 +46,75 @@ class TaskHead:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How a gate turns its input into weights over E experts (see ``ranking.gating.Gate``).
+    """How every gate of a model turns its input into weights over its E experts (``ranking.gating.Gate``).
 
     Args:
-        top_k: keep the k largest logits and softmax over them (zeros elsewhere); None = dense.
-        noise: scale of the trainable Gaussian logit noise (Shazeer et al. 2017), training only;
-            0 = no noise.
+        kind: ``"softmax"`` (dense, Ma et al. 2018) or ``"noisy_topk"`` (Shazeer et al. 2017: the k
+            largest logits, softmax over them, zeros elsewhere; k can be lowered after training).
+        top_k: noisy_topk: experts kept per row.
+        noise: noisy_topk: scale of the trainable Gaussian logit noise, training only; 0 = plain top-k.
         dropout: in training, probability of zeroing each expert's weight before renormalising
-            (Zhao et al. 2019 use 0.1); 0 = off.
+            (Zhao et al. 2019 use 0.1); 0 = off. Any kind.
 
     Example:
-        >>> GateConfig(top_k=2, noise=1.0).top_k
-        2
+        >>> GateConfig("noisy_topk", top_k=1).sparse, GateConfig().sparse
+        (True, False)
     """
 
-    top_k: int | None = None
-    noise: float = 0.0
+    kind: GateKind = "softmax"
+    top_k: int = 2
+    noise: float = 1.0
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.kind not in GATE_KINDS:
+            raise ValueError(f"gate.kind must be one of {list(GATE_KINDS)}, got {self.kind!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"gate.top_k must be an integer >= 1, got {self.top_k!r}")
         if not (math.isfinite(self.noise) and self.noise >= 0):
-            raise ValueError(f"gate noise must be finite and >= 0, got {self.noise}")
+            raise ValueError(f"gate.noise must be finite and >= 0, got {self.noise}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"gate dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"gate.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def sparse(self) -> bool:
+        """Only some experts get a non-zero weight per row (top-k)."""
+        return self.kind == "noisy_topk"
+
+    @classmethod
+    def of(cls, value: GateConfig | str | dict[str, Any]) -> GateConfig:
+        """A gate config from an instance, a kind (``"noisy_topk"``) or a mapping of its fields."""
+        if isinstance(value, GateConfig):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)  # type: ignore[arg-type]  # checked in __post_init__
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown gate field(s) {unknown}; known: kind, top_k, noise, dropout")
+            return cls(**value)
+        raise ValueError(f"gate must be a kind name or a mapping of kind, top_k, noise, dropout; got {value!r}")
+
+
+# The flat gate fields artifacts of format 1 (and model configs before 2026-12-07) wrote, and their new place.
+_FLAT_GATE_FIELDS = {"top_k": "top_k", "gate_noise": "noise", "gate_dropout": "dropout"}
+
+
+def migrate_gate_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config with its flat gate fields (``gate: "noisy_topk"``, ``top_k``, ``gate_noise``,
+    ``gate_dropout``) rewritten as one ``gate`` mapping; a config already nested is returned as it is.
+
+    Example:
+        >>> migrate_gate_fields({"gate": "noisy_topk", "top_k": 1, "gate_noise": 0.5})["gate"]
+        {'kind': 'noisy_topk', 'top_k': 1, 'noise': 0.5}
+    """
+    flat = {k: data[k] for k in _FLAT_GATE_FIELDS if k in data}
+    if not flat and not isinstance(data.get("gate"), str):
+        return data
+    out = {k: v for k, v in data.items() if k not in _FLAT_GATE_FIELDS}
+    gate = {"kind": out.pop("gate", "softmax")} | {_FLAT_GATE_FIELDS[k]: v for k, v in flat.items()}
+    out["gate"] = gate
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,10 +138,7 @@ class ModelConfig:
     num_task_experts: int = 1  # ple: experts owned by each task, per level
     num_shared_experts: int = 2  # ple: experts shared by all tasks, per level
     ple_levels: int = 2  # ple: extraction levels; 1 is CGC
-    gate: GateKind = "softmax"  # "noisy_topk": Shazeer et al. 2017 sparse gate
-    top_k: int = 2  # noisy_topk: experts kept per row (can be lowered later with set_top_k)
-    gate_noise: float = 1.0  # noisy_topk: scale of the trainable logit noise (training only)
-    gate_dropout: float = 0.0  # training only: chance of zeroing each expert's gate weight (paper: 0.1)
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)  # every gate's kind, top-k, noise, dropout
     load_balance_weight: float = 0.0  # > 0: model returns aux["load_balance"]; the trainer applies the weight
     expert_dims: tuple[int, ...] = (128, 64)
     tower_dims: tuple[int, ...] = (32,)
@@ -106,18 +148,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
             raise ValueError(f"model must be one of {list(MODEL_KINDS)}, got {self.model!r}")
-        if self.gate not in GATE_KINDS:
-            raise ValueError(f"gate must be one of {list(GATE_KINDS)}, got {self.gate!r}")
-        for name in ("num_experts", "num_task_experts", "num_shared_experts", "ple_levels", "top_k"):
+        if not isinstance(self.gate, GateConfig):
+            raise ValueError(f"gate must be a GateConfig (GateConfig.of builds one), got {self.gate!r}")
+        for name in ("num_experts", "num_task_experts", "num_shared_experts", "ple_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         limit = self.experts_per_gate
-        if self.gate == "noisy_topk" and limit is not None and self.top_k > limit:
-            raise ValueError(f"top_k must be <= {limit} (experts one {self.model} gate sees), got {self.top_k}")
-        if not (math.isfinite(self.gate_noise) and self.gate_noise >= 0):
-            raise ValueError(f"gate_noise must be finite and >= 0, got {self.gate_noise}")
-        if not 0.0 <= self.gate_dropout < 1.0:
-            raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout}")
+        if self.gate.sparse and limit is not None and self.gate.top_k > limit:
+            raise ValueError(
+                f"gate.top_k must be <= {limit} (experts one {self.model} gate sees), got {self.gate.top_k}")
         if not (math.isfinite(self.load_balance_weight) and self.load_balance_weight >= 0):
             raise ValueError(f"load_balance_weight must be finite and >= 0, got {self.load_balance_weight}")
         if not self.tasks:
@@ -135,16 +174,6 @@ class ModelConfig:
         if self.model == "ple":
             return self.num_task_experts + self.num_shared_experts
         return None
-
-    @property
-    def gating(self) -> GateConfig:
-        """The gate settings every gate of the model is built with."""
-        sparse = self.gate == "noisy_topk"
-        return GateConfig(
-            top_k=self.top_k if sparse else None,
-            noise=self.gate_noise if sparse else 0.0,
-            dropout=self.gate_dropout,
-        )
 
     @classmethod
     def from_fitted(cls, fitted: FittedTransform, **overrides: Any) -> ModelConfig:
@@ -169,7 +198,11 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
+            hint = ("; the gate's settings are fields of 'gate': gate.kind, gate.top_k, gate.noise, gate.dropout"
+                    if set(unknown) & set(_FLAT_GATE_FIELDS) else "")
+            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}{hint}")
+        if "gate" in overrides:
+            overrides = {**overrides, "gate": GateConfig.of(overrides["gate"])}
         base = cls(
             sparse=sparse, dense=tuple(d.name for d in spec.dense), tasks=tasks, position_buckets=position
         )
@@ -180,10 +213,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """A config from :meth:`to_dict`'s output, also as artifacts of earlier versions wrote it
-        (fields added since take their defaults; ``extra``, always empty, was dropped on 2026-12-07)."""
-        d = dict(data)
+        """A config from :meth:`to_dict`'s output, also as artifacts of earlier versions wrote it: fields
+        added since take their defaults, the flat gate fields become ``gate`` (:func:`migrate_gate_fields`),
+        ``extra`` (always empty) is dropped."""
+        d = migrate_gate_fields(dict(data))
         d.pop("extra", None)
+        if "gate" in d:
+            d["gate"] = GateConfig.of(d["gate"])
         d["sparse"] = tuple(SparseSlot(**s) for s in d["sparse"])
         d["tasks"] = tuple(TaskHead(**t) for t in d["tasks"])
         for k in ("dense", "bottom_dims", "expert_dims", "tower_dims"):

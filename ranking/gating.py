@@ -42,7 +42,7 @@ class Gate(nn.Module):
         >>> w = Gate(8, 3)(torch.randn(2, 8))
         >>> w.shape, w.dtype, torch.allclose(w.sum(-1), torch.ones(2))
         (torch.Size([2, 3]), torch.float32, True)
-        >>> gate = Gate(8, 4, GateConfig(top_k=2, noise=1.0)).eval()
+        >>> gate = Gate(8, 4, GateConfig("noisy_topk", top_k=2)).eval()
         >>> (gate(torch.randn(5, 8)) > 0).sum(-1).tolist()
         [2, 2, 2, 2, 2]
         >>> gate.set_top_k(1)
@@ -55,13 +55,13 @@ class Gate(nn.Module):
         config = config or GateConfig()
         self.num_experts = num_experts
         self.top_k: int | None = None
-        if config.top_k is not None:
+        if config.sparse:
             self.set_top_k(config.top_k)
-        self.noise_scale = config.noise
+        self.noise_scale = config.noise if config.sparse else 0.0
         self.dropout = config.dropout
         self.proj = nn.Linear(in_dim, num_experts)
         self.noise: nn.Linear | None = None
-        if config.noise > 0:
+        if self.noise_scale > 0:
             # Zero init: every expert starts with the same noise std softplus(0) ~ 0.69 (as Shazeer et al.).
             self.noise = nn.Linear(in_dim, num_experts)
             nn.init.zeros_(self.noise.weight)

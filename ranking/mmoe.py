@@ -42,7 +42,7 @@ class MMoE(RankingModel):
 
     def build_mixing(self, config: ModelConfig) -> None:
         self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
-        self.gates = TaskGates(self.task_names, self.width, config.num_experts, config.gating)
+        self.gates = TaskGates(self.task_names, self.width, config.num_experts, config.gate)
 
     def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
         """The front's (B, D) -> experts -> gates -> each task's mixture -> towers."""

@@ -299,7 +299,7 @@ class OMoE(RankingModel):
 
     def build_mixing(self, config: ModelConfig) -> None:
         self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
-        self.gate = Gate(self.width, config.num_experts, config.gating)
+        self.gate = Gate(self.width, config.num_experts, config.gate)
 
     def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
         """The front's (B, D) -> predictions."""
@@ -348,8 +348,8 @@ class ExtractionLevel(nn.Module):
             Experts(in_dim, config.expert_dims, own, config.dropout) for _ in range(n_tasks)
         )
         self.shared_experts = Experts(in_dim, config.expert_dims, shared, config.dropout)
-        self.task_gates = nn.ModuleList(Gate(in_dim, own + shared, config.gating) for _ in range(n_tasks))
-        self.shared_gate = Gate(in_dim, n_tasks * own + shared, config.gating) if shared_gate else None
+        self.task_gates = nn.ModuleList(Gate(in_dim, own + shared, config.gate) for _ in range(n_tasks))
+        self.shared_gate = Gate(in_dim, n_tasks * own + shared, config.gate) if shared_gate else None
 
     def forward(self, task_inputs: torch.Tensor, shared_input: torch.Tensor) -> LevelOutput:
         """task_inputs: (B, T, D_in), shared_input: (B, D_in)."""

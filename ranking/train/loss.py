@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,29 +23,7 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from ranking.batch import Batch
 from ranking.config import ModelConfig, TaskHead
 from ranking.models import ModelOutput
-
-LossWeighting = Literal["fixed", "uncertainty"]
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """How the task losses are weighted and which extra terms are added.
-
-    Args:
-        weighting: ``"fixed"`` uses each task's ``loss_weight``; ``"uncertainty"`` learns one
-            log-variance per task (Kendall et al. 2018).
-        embedding_l2: weight of :func:`touched_rows_l2` in the training loss (L2 on the rows the
-            batch looks up, each distinct row once); 0 = off.
-    """
-
-    weighting: LossWeighting = "fixed"
-    embedding_l2: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("fixed", "uncertainty"):
-            raise ValueError(f"loss_weighting must be 'fixed' or 'uncertainty', got {self.weighting!r}")
-        if not self.embedding_l2 >= 0:
-            raise ValueError(f"embedding_l2 must be >= 0, got {self.embedding_l2}")
+from ranking.train.config import LossConfig
 
 
 def task_loss(task: TaskHead, logit: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

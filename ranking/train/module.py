@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -17,7 +17,8 @@ from ranking.config import ModelConfig
 from ranking.gate_health import GateHealth, GateStats
 from ranking.models import ModelOutput
 from ranking.scores import task_score
-from ranking.train.loss import LossConfig, MultiTaskLoss
+from ranking.train.config import FitConfig, OptimConfig
+from ranking.train.loss import MultiTaskLoss
 
 
 def _task_metrics(config: ModelConfig) -> MetricCollection:
@@ -30,57 +31,30 @@ def _task_metrics(config: ModelConfig) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """The optimiser of the dense layers and the embedding tables (Adam, two parameter groups).
-
-    Args:
-        lr, weight_decay: Adam settings of the dense layers (weight decay never on embeddings).
-        embedding_lr: Adam learning rate of the embedding tables; None = ``lr``.
-        embedding_weight_decay: decoupled (AdamW-style) weight decay of the embedding tables: every
-            row shrinks by ``lr * wd`` per step, touched or not. 0 = off.
-    """
-
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    embedding_lr: float | None = None
-    embedding_weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.embedding_lr is not None and not self.embedding_lr > 0:
-            raise ValueError(f"embedding_lr must be > 0 or None, got {self.embedding_lr}")
-        for name in ("weight_decay", "embedding_weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
 class RankingModule(L.LightningModule):
     """Trains any network that maps ``(sparse, dense, position)`` to a ``ModelOutput``.
 
     Args:
         model: the network (see ``ranking.artifact.build_model``).
         config: its config (tasks, loss weights, auxiliary-loss weight).
-        optim: the optimiser's settings (:class:`OptimConfig`).
-        loss: the loss's weighting and embedding L2 (``ranking.train.loss.LossConfig``; default fixed
-            weights, no L2).
-        seed: training randomness (dropout, gate noise) of step ``s`` of epoch ``e`` on rank ``r``
-            depends on ``(seed, e, s, r)`` only, so a resumed run replays an uninterrupted one.
+        training: how it is trained (:class:`~ranking.train.config.FitConfig`); the module reads its
+            ``optim`` (the optimiser), ``loss`` (weighting, embedding L2) and ``seed``: training
+            randomness (dropout, gate noise) of step ``s`` of epoch ``e`` on rank ``r`` depends on
+            ``(seed, e, s, r)`` only, so a resumed run replays an uninterrupted one.
 
     Logged keys follow ``<split>/<task>/<metric>`` (``val/click/auc``) plus ``<split>/loss``,
     ``<split>/<task>/loss``, ``val/auc_mean`` (mean AUC over binary tasks, the default selection
     metric) and gate health under ``val/gate/...``.
     """
 
-    def __init__(self, model: nn.Module, config: ModelConfig, optim: OptimConfig | None = None,
-                 loss: LossConfig | None = None, seed: int = 0):
+    def __init__(self, model: nn.Module, config: ModelConfig, training: FitConfig | None = None):
         super().__init__()
+        training = training or FitConfig()
         self.model = model
         self.config = config
-        self.optim = optim or OptimConfig()
-        self.seed = seed
-        self.loss = MultiTaskLoss.for_model(config, loss)
+        self.optim: OptimConfig = training.optim
+        self.seed = training.seed
+        self.loss = MultiTaskLoss.for_model(config, training.loss)
         self.save_hyperparameters({**asdict(self.optim), "loss_weighting": self.loss.config.weighting,
                                    "embedding_l2": self.loss.config.embedding_l2, "model_config": config.to_dict()})
         self.train_metrics = _task_metrics(config).clone(prefix="train/")

@@ -4,6 +4,8 @@ with a non-zero exit (the full table of bad inputs through the installed command
 import dataclasses
 import importlib.metadata
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,7 +140,7 @@ def test_help_shows_every_default(path: tuple[str, ...], command: Any) -> None:
 def test_help_defaults_are_the_config_defaults() -> None:
     """The defaults shown for options that leave the value to a config (None) are that config's."""
     from features.synthetic import SynthConfig
-    from pipelines.train import TrainConfig
+    from pipelines.train_config import TrainConfig
 
     def shown(path: tuple[str, ...]) -> dict[str, str]:
         command = dict(COMMANDS)[path]
@@ -169,6 +171,14 @@ def test_serve_defaults_are_the_servers_own() -> None:
     assert params["max_queue"] == batcher.max_queue
     assert round(params["max_queue_wait_ms"] * 1000) == batcher.max_queue_wait_us
     assert params["batching"] is batcher.enabled
+
+
+def test_the_command_line_reads_its_defaults_without_the_heavy_libraries() -> None:
+    """The defaults come from the configs themselves, and importing them loads no torch, Polars or MLflow."""
+    code = ("import sys, pipelines.cli; heavy = sorted({'torch', 'polars', 'mlflow', 'lightning'} & set(sys.modules)); "
+            "print(heavy)")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "[]", got.stdout + got.stderr
 
 
 def test_the_ui_reads_the_same_default_store_as_the_commands() -> None:
@@ -214,27 +224,42 @@ def test_readme_states_the_pipelines_steps() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("epochs: two\n", "field 'epochs': expects int, got 'two'"),
-        ("loss_weighting: average\n", "field 'loss_weighting': expects one of 'fixed', 'uncertainty', got 'average'"),
+        ("epochs: two\n", "field 'epochs': Input should be a valid integer, unable to parse string as an integer "
+                          "(got 'two')"),
+        ("loss_weighting: average\n",
+         "field 'loss_weighting': Input should be 'fixed' or 'uncertainty' (got 'average')"),
         ("model_config: {expert_dims: wide}\n",
-         "field 'model_config.expert_dims': expects tuple[int, ...], got 'wide'"),
+         "field 'model_config.expert_dims': Input should be a valid tuple (got 'wide')"),
+        ("epochz: 3\n", "field 'epochz': Extra inputs are not permitted (got 3)"),
+        ("model_config: {gate: {kind: dense}}\n",
+         "field 'model_config.gate.kind': Input should be 'softmax' or 'noisy_topk' (got 'dense')"),
+        ("model_config: {top_k: 1}\n", "field 'model_config.top_k': Extra inputs are not permitted (got 1)"),
     ],
 )
 def test_config_file_values_are_type_checked(body: str, message: str, small_features: Path, tmp_path: Path) -> None:
+    """`ranker train --config` refuses a file with the pipeline config's one-line error, naming the field."""
     config = tmp_path / "train.yaml"
     config.write_text(body)
     r = runner.invoke(app, ["train", "--features", str(small_features), "--config", str(config),
                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert r.exit_code == 2, r.output
-    assert r.stderr.strip() == f"error: config file {str(config)!r}: {message}"
+    assert r.stderr.strip() == f"error: invalid training config {str(config)!r}: {message}"
 
 
 def test_set_values_are_coerced_to_the_field_type() -> None:
-    from pipelines.cli import typed_fields
-    from ranking.config import ModelConfig
+    from pipelines.train_config import merge_overrides, model_overrides, parse_overrides
 
-    got = typed_fields(ModelConfig, {"expert_dims": [64, 32], "dropout": 0, "gate": "softmax"}, str)
-    assert got == {"expert_dims": (64, 32), "dropout": 0.0, "gate": "softmax"}
+    got = model_overrides(parse_overrides(["expert_dims=[64,32]", "dropout=0", "gate.kind=noisy_topk",
+                                           "gate.top_k=1"]), "--set")
+    assert got == {"expert_dims": (64, 32), "dropout": 0.0, "gate": {"kind": "noisy_topk", "top_k": 1}}
     assert isinstance(got["dropout"], float)
-    with pytest.raises(ValueError, match=r"^--set gate: expects one of 'softmax', 'noisy_topk', got 'dense'$"):
-        typed_fields(ModelConfig, {"gate": "dense"}, lambda name: f"--set {name}")
+    with pytest.raises(ValueError, match=r"^invalid --set: field 'gate.kind': Input should be 'softmax' or "
+                                         r"'noisy_topk' \(got 'dense'\)$"):
+        model_overrides(parse_overrides(["gate.kind=dense"]), "--set")
+    with pytest.raises(ValueError, match=r"^invalid --set: field 'gate_noise': Extra inputs are not permitted"):
+        model_overrides(parse_overrides(["gate_noise=0.5"]), "--set")
+    with pytest.raises(ValueError, match=r"--set expects key=value, got 'gate.=1'"):
+        parse_overrides(["gate.=1"])
+    # a file's gate and --set's gate.top_k merge field by field
+    assert merge_overrides({"gate": {"kind": "noisy_topk", "top_k": 3}}, got)["gate"] == {"kind": "noisy_topk",
+                                                                                           "top_k": 1}

@@ -337,9 +337,15 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_pipeline_config(write_config(tmp_path, name="no spaces"))
     with pytest.raises(ValueError, match=r"field 'source': Field required$"):
         load_pipeline_config(write_config(tmp_path, source=None))
-    bad_train = load_pipeline_config(write_config(tmp_path, train={"epoch": 3}))
-    with pytest.raises(ValueError, match=r"unknown train field\(s\) \['epoch'\]"):
-        run_pipeline(bad_train)
+    with pytest.raises(ValueError, match=r"^invalid pipeline config '.*': field 'train.epoch': Extra inputs are not "
+                                         r"permitted \(got 3\)$"):
+        load_pipeline_config(write_config(tmp_path, train={"epoch": 3}))
+    with pytest.raises(ValueError, match=r"field 'train.model_config.gate.top_k': Input should be a valid integer"):
+        load_pipeline_config(write_config(tmp_path, train={"model_config": {"gate": {"top_k": "two"}}}))
+    with pytest.raises(ValueError, match=r"field 'train.alias': Extra inputs"):  # the pipeline moves its alias
+        load_pipeline_config(write_config(tmp_path, train={"alias": "x"}))
+    typed = load_pipeline_config(write_config(tmp_path, train={"epochs": "3", "model_config": {"expert_dims": [8]}}))
+    assert (typed.train["epochs"], typed.train["model_config"]) == (3, {"expert_dims": (8,)})
     with pytest.raises(ValueError, match=r"--as-of 2027-01-01 has no data .*newest day: 2026-01-08"):
         run_pipeline(load_pipeline_config(write_config(tmp_path)), as_of=date(2027, 1, 1))
 

@@ -8,7 +8,7 @@ import torch
 
 from features.fitted import FittedTransform
 from ranking.artifact import build_model, export_artifact, load_artifact
-from ranking.config import ModelConfig
+from ranking.config import GateConfig, ModelConfig
 from ranking.inference import InferenceModel
 
 
@@ -35,6 +35,35 @@ def test_artifact_loads_without_pickle_and_scores_identically(artifact: Path, sm
     for t in a:
         np.testing.assert_array_equal(a[t], b[t])
     assert ((a["click"] > 0) & (a["click"] < 1)).all()
+
+
+def test_a_format_1_artifact_with_flat_gate_fields_still_loads(small_features: Path, tmp_path: Path) -> None:
+    """Artifacts exported before the gate settings were nested (format 1) load and score the same."""
+    fitted = FittedTransform.load(small_features / "transform.json")
+    cfg = ModelConfig.from_fitted(fitted, bottom_dims=(16,), expert_dims=(16,), tower_dims=(8,), num_experts=3,
+                                  gate=GateConfig("noisy_topk", top_k=2, noise=0.5, dropout=0.1))
+    torch.manual_seed(2)
+    new = export_artifact(build_model(cfg), cfg, fitted, tmp_path / "new", {})
+    assert json.loads((new / "metadata.json").read_text())["format"] == 2
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in new.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    flat = json.loads((new / "model_config.json").read_text())
+    gate = flat.pop("gate")
+    flat.update(gate=gate["kind"], top_k=gate["top_k"], gate_noise=gate["noise"], gate_dropout=gate["dropout"])
+    (old / "model_config.json").write_text(json.dumps(flat))
+    meta = json.loads((new / "metadata.json").read_text())
+    (old / "metadata.json").write_text(json.dumps({**meta, "format": 1}))
+    _, got, _, _ = load_artifact(old)
+    assert got == cfg
+    frame = pl.read_parquet(small_features / "val.parquet").head(30)
+    a, b = InferenceModel(new).score_frame(frame), InferenceModel(old).score_frame(frame)
+    for t in a:
+        np.testing.assert_array_equal(a[t], b[t])
+    (old / "metadata.json").write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(ValueError, match=r"unsupported artifact format 3 .* this version reads \[1, 2\]"):
+        load_artifact(old)
 
 
 def test_scores_ignore_position(artifact: Path, small_features: Path) -> None:

@@ -11,7 +11,15 @@ from torchrec import KeyedJaggedTensor
 
 from ranking.artifact import build_model
 from ranking.config import ModelConfig, SparseSlot, TaskHead
-from ranking.train import LossConfig, OptimConfig, RankingDataModule, RankingModule, load_features, touched_rows_l2
+from ranking.train import (
+    FitConfig,
+    LossConfig,
+    OptimConfig,
+    RankingDataModule,
+    RankingModule,
+    load_features,
+    touched_rows_l2,
+)
 
 TASK = (TaskHead("click", "binary", "engagement"),)
 
@@ -46,8 +54,8 @@ def test_touched_rows_l2_gradient_reaches_only_touched_rows() -> None:
 
 
 def test_optimizer_groups_carry_embedding_settings() -> None:
-    module = RankingModule(build_model(_cfg()), _cfg(), OptimConfig(lr=1e-3, weight_decay=1e-4, embedding_lr=5e-4,
-                                                                    embedding_weight_decay=0.5))
+    module = RankingModule(build_model(_cfg()), _cfg(), FitConfig(optim=OptimConfig(
+        lr=1e-3, weight_decay=1e-4, embedding_lr=5e-4, embedding_weight_decay=0.5)))
     opt = module.configure_optimizers()
     dense, emb = opt.param_groups
     assert (dense["lr"], dense["weight_decay"], dense["decoupled_weight_decay"]) == (1e-3, 1e-4, False)
@@ -57,7 +65,7 @@ def test_optimizer_groups_carry_embedding_settings() -> None:
 
 
 def test_defaults_leave_embeddings_unregularised() -> None:
-    opt = RankingModule(build_model(_cfg()), _cfg(), OptimConfig(lr=2e-3)).configure_optimizers()
+    opt = RankingModule(build_model(_cfg()), _cfg(), FitConfig(optim=OptimConfig(lr=2e-3))).configure_optimizers()
     emb = opt.param_groups[1]
     assert (emb["lr"], emb["weight_decay"]) == (2e-3, 0.0)
 
@@ -77,7 +85,8 @@ def _embedding_norm(features: Path, embedding_l2: float = 0.0) -> tuple[float, f
     """(norm of the trained embedding tables, their OOV rows' change) after one epoch."""
     L.seed_everything(0, verbose=False)
     cfg = ModelConfig.from_fitted(load_features(features), bottom_dims=(32,), expert_dims=(16,), tower_dims=(8,))
-    module = RankingModule(build_model(cfg), cfg, OptimConfig(lr=5e-3), LossConfig(embedding_l2=embedding_l2))
+    module = RankingModule(build_model(cfg), cfg, FitConfig(optim=OptimConfig(lr=5e-3),
+                                                           loss=LossConfig(embedding_l2=embedding_l2)))
     before = {n: p.detach().clone() for n, p in module.model.embeddings.named_parameters()}
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)

@@ -8,7 +8,7 @@ from torchrec import KeyedJaggedTensor
 
 from ranking.artifact import build_model
 from ranking.blocks import MLP, Experts, run_stacked
-from ranking.config import ModelConfig, SparseSlot, TaskHead
+from ranking.config import GateConfig, ModelConfig, SparseSlot, TaskHead
 from ranking.gating import mix_experts, mix_per_task
 from ranking.mmoe import MMoE
 
@@ -104,8 +104,8 @@ def test_mmoe_dense_gates_equal_each_gate(training: bool) -> None:
 
 
 def test_mmoe_gates_with_noise_top_k_or_training_dropout_take_the_gate_path() -> None:
-    noisy = MMoE(config(gate="noisy_topk", top_k=2))
-    dropping = MMoE(config(gate_dropout=0.2))
+    noisy = MMoE(config(gate=GateConfig("noisy_topk", top_k=2)))
+    dropping = MMoE(config(gate=GateConfig(dropout=0.2)))
     x = torch.randn(B, noisy.width)
     assert not noisy.gates.plain
     assert not dropping.train().gates.plain and dropping.eval().gates.plain

@@ -27,7 +27,7 @@ from features.plan import RawRequest, ServingPlan
 from features.spec import FeatureSpec, parse_spec
 from ranking.artifact import build_model, export_artifact
 from ranking.batch import FeatureTable
-from ranking.config import ModelConfig
+from ranking.config import GateConfig, ModelConfig
 from ranking.fused import FusedScorer
 from ranking.inference import InferenceModel
 from ranking.models import RankingModel
@@ -73,11 +73,11 @@ SMALL = {"bottom_dims": (16,), "expert_dims": (12, 8), "tower_dims": (6,), "num_
 MODELS: dict[str, dict[str, Any]] = {
     "mmoe": {},
     "mmoe_no_bottom": {"bottom_dims": ()},
-    "mmoe_two_layer_bottom_dropout": {"bottom_dims": (16, 12), "dropout": 0.2, "gate_dropout": 0.1},
-    "mmoe_noisy_topk": {"gate": "noisy_topk", "top_k": 2, "num_experts": 4},
-    "mmoe_noisy_topk_no_bottom": {"gate": "noisy_topk", "top_k": 1, "num_experts": 4, "bottom_dims": ()},
+    "mmoe_two_layer_bottom_dropout": {"bottom_dims": (16, 12), "dropout": 0.2, "gate": GateConfig(dropout=0.1)},
+    "mmoe_noisy_topk": {"gate": GateConfig("noisy_topk", top_k=2), "num_experts": 4},
+    "mmoe_noisy_topk_no_bottom": {"gate": GateConfig("noisy_topk", top_k=1), "num_experts": 4, "bottom_dims": ()},
     "omoe": {"model": "omoe"},
-    "omoe_noisy_topk_no_bottom": {"model": "omoe", "gate": "noisy_topk", "top_k": 2, "bottom_dims": ()},
+    "omoe_noisy_topk_no_bottom": {"model": "omoe", "gate": GateConfig("noisy_topk", top_k=2), "bottom_dims": ()},
     "ple": {"model": "ple", "ple_levels": 2, "num_task_experts": 1, "num_shared_experts": 2},
     "ple_cgc_no_bottom": {"model": "ple", "ple_levels": 1, "bottom_dims": ()},
     "shared_bottom": {"model": "shared_bottom"},

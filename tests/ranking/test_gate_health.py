@@ -17,7 +17,7 @@ from torch import nn
 
 from ranking.artifact import build_model
 from ranking.blocks import Experts
-from ranking.config import ModelConfig
+from ranking.config import GateConfig, ModelConfig
 from ranking.gate_health import GateStats, expert_spread
 from ranking.gating import Gate
 from ranking.models import RankingModel
@@ -99,7 +99,7 @@ def test_a_trained_mmoe_with_gate_dropout_is_healthy(small_features: Path, confi
     """With the YouTube remedy on (gate dropout 0.1). Without it this short run at lr 5e-3 polarizes
     the dismiss gate for some seeds; benchmarks/gate_dropout.py counts that over many seeds."""
     torch.manual_seed(0)
-    config = dataclasses.replace(config, gate_dropout=0.1)
+    config = dataclasses.replace(config, gate=GateConfig(dropout=0.1))
     model = build_model(config)
     health = _train(small_features, model, config).compute(model)
     assert health.problems() == [], health

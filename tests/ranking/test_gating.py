@@ -13,7 +13,7 @@ E = 6
 
 def noisy(k: int = 2, noise: float = 1.0, dropout: float = 0.0) -> Gate:
     torch.manual_seed(0)
-    return Gate(8, E, GateConfig(top_k=k, noise=noise, dropout=dropout))
+    return Gate(8, E, GateConfig("noisy_topk", top_k=k, noise=noise, dropout=dropout))
 
 
 def test_dense_softmax_gate_matches_softmax_of_its_projection() -> None:
@@ -24,7 +24,7 @@ def test_dense_softmax_gate_matches_softmax_of_its_projection() -> None:
     assert gate.noise is None  # dense gates have no noise parameters
 
 
-@pytest.mark.parametrize("config", [GateConfig(), GateConfig(top_k=2, noise=1.0, dropout=0.2)])
+@pytest.mark.parametrize("config", [GateConfig(), GateConfig("noisy_topk", top_k=2, noise=1.0, dropout=0.2)])
 def test_weights_are_float32_under_bf16(config: GateConfig) -> None:
     gate = Gate(8, E, config).to(torch.bfloat16)
     for mode in (gate.train(), gate.eval()):
@@ -66,7 +66,7 @@ def test_noise_only_in_training_and_its_std_is_learned() -> None:
 
 
 def test_no_noise_when_scale_is_zero() -> None:
-    gate = Gate(8, E, GateConfig(top_k=2, noise=0.0)).train()
+    gate = Gate(8, E, GateConfig("noisy_topk", top_k=2, noise=0.0)).train()
     x = torch.randn(16, 8)
     assert gate.noise is None
     torch.testing.assert_close(gate(x), gate(x))
@@ -128,14 +128,18 @@ def test_drop_experts_rejects_bad_p_and_has_finite_gradients() -> None:
 
 
 def test_gate_config_validates() -> None:
-    with pytest.raises(ValueError, match="top_k must be >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match=r"gate.kind must be one of \['softmax', 'noisy_topk'\], got 'dense'"):
+        GateConfig("dense")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gate.top_k must be an integer >= 1, got 0"):
         GateConfig(top_k=0)
-    with pytest.raises(ValueError, match="gate noise must be finite and >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="gate.noise must be finite and >= 0, got -1.0"):
         GateConfig(noise=-1.0)
-    with pytest.raises(ValueError, match=r"gate dropout must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"gate.dropout must be in \[0, 1\), got 1.5"):
         GateConfig(dropout=1.5)
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 3\], got 4"):
-        Gate(8, 3, GateConfig(top_k=4))
+        Gate(8, 3, GateConfig("noisy_topk", top_k=4))
+    dense = Gate(8, 3, GateConfig(top_k=4, noise=2.0))  # top_k and noise belong to noisy_topk only
+    assert dense.top_k is None and dense.noise is None
 
 
 def test_load_balance_is_zero_for_uniform_and_grows_with_polarization() -> None:

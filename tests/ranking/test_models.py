@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from torch.nn import functional as F
 from torchrec import KeyedJaggedTensor
 
+from features.fitted import FittedTransform
 from ranking.artifact import build_model
-from ranking.config import MODEL_KINDS, ModelConfig, SparseSlot, TaskHead
+from ranking.config import MODEL_KINDS, GateConfig, ModelConfig, SparseSlot, TaskHead
 from ranking.gating import Gate
 from ranking.mmoe import MMoE
 from ranking.models import PLE, ExtractionLevel, ModelOutput, OMoE, RankingModel, SharedBottom, SingleTask
@@ -110,7 +112,7 @@ def _weighted(g: torch.Tensor, pool: list[torch.Tensor]) -> torch.Tensor:
 def reference(model: RankingModel, batch: TinyBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Logits per task (with position bias) and gates, recomputed from the weights alone."""
     cfg, sd = model.config, model.state_dict()
-    top_k = cfg.top_k if cfg.gate == "noisy_topk" else None
+    top_k = cfg.gate.top_k if cfg.gate.sparse else None
     n_exp = len(cfg.expert_dims)
     user = F.embedding(batch.user, sd["embeddings.embedding_bags.t_user.weight"])
     tags = F.embedding_bag(batch.tags, sd["embeddings.embedding_bags.t_tags.weight"], batch.tag_offsets, mode="mean")
@@ -194,8 +196,8 @@ def test_unknown_model_is_a_clear_error() -> None:
 @pytest.mark.parametrize(
     "kind,overrides",
     [(k, {}) for k in MODEL_KINDS]
-    + [("mmoe", {"gate": "noisy_topk", "top_k": 2}), ("omoe", {"gate": "noisy_topk", "top_k": 1}),
-       ("ple", {"gate": "noisy_topk", "top_k": 3, "ple_levels": 1}), ("ple", {"ple_levels": 3})],
+    + [("mmoe", {"gate": GateConfig("noisy_topk", top_k=2)}), ("omoe", {"gate": GateConfig("noisy_topk", top_k=1)}),
+       ("ple", {"gate": GateConfig("noisy_topk", top_k=3), "ple_levels": 1}), ("ple", {"ple_levels": 3})],
 )
 def test_golden_values_match_an_independent_reimplementation(kind: str, overrides: dict[str, Any]) -> None:
     torch.manual_seed(0)
@@ -219,8 +221,8 @@ def test_golden_values_match_an_independent_reimplementation(kind: str, override
 @pytest.mark.parametrize(
     "kind,overrides",
     [(k, {}) for k in MODEL_KINDS]
-    + [("mmoe", {"gate": "noisy_topk", "top_k": 2, "gate_dropout": 0.1, "load_balance_weight": 0.01}),
-       ("ple", {"gate": "noisy_topk", "top_k": 2, "load_balance_weight": 0.01})],
+    + [("mmoe", {"gate": GateConfig("noisy_topk", top_k=2, dropout=0.1), "load_balance_weight": 0.01}),
+       ("ple", {"gate": GateConfig("noisy_topk", top_k=2), "load_balance_weight": 0.01})],
 )
 def test_one_batch_fit_lowers_the_loss(kind: str, overrides: dict[str, Any]) -> None:
     torch.manual_seed(0)
@@ -244,33 +246,51 @@ def test_one_batch_fit_lowers_the_loss(kind: str, overrides: dict[str, Any]) -> 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_config_round_trips_for_every_kind(kind: str) -> None:
-    cfg = tiny(kind, gate="noisy_topk", top_k=2, gate_noise=0.5, gate_dropout=0.1, load_balance_weight=0.01)
+    cfg = tiny(kind, gate=GateConfig("noisy_topk", top_k=2, noise=0.5, dropout=0.1), load_balance_weight=0.01)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert ModelConfig.from_dict(tiny(kind).to_dict()) == tiny(kind)
 
 
 def test_config_written_before_the_model_family_still_loads() -> None:
-    new = ("num_task_experts", "num_shared_experts", "ple_levels", "gate", "top_k", "gate_noise", "gate_dropout",
-           "load_balance_weight")
+    new = ("num_task_experts", "num_shared_experts", "ple_levels", "gate", "load_balance_weight")
     old = {k: v for k, v in tiny("mmoe").to_dict().items() if k not in new}
     assert ModelConfig.from_dict(old) == tiny("mmoe")  # tiny() keeps the PLE counts at their defaults
     assert ModelConfig.from_dict({**old, "extra": {}}) == tiny("mmoe")  # artifacts before 2026-12-07 carry it
 
 
+def test_a_format_1_config_with_flat_gate_fields_loads_nested() -> None:
+    """model_config.json of artifact format 1 wrote the gate's settings as four flat fields."""
+    flat = {k: v for k, v in tiny("mmoe").to_dict().items() if k != "gate"}
+    old = {**flat, "gate": "noisy_topk", "top_k": 1, "gate_noise": 0.5, "gate_dropout": 0.1}
+    assert ModelConfig.from_dict(old) == tiny("mmoe", gate=GateConfig("noisy_topk", top_k=1, noise=0.5, dropout=0.1))
+    assert ModelConfig.from_dict({**flat, "gate": "softmax", "top_k": 2, "gate_noise": 1.0,
+                                  "gate_dropout": 0.0}) == tiny("mmoe")
+    assert tiny("mmoe").to_dict()["gate"] == {"kind": "softmax", "top_k": 2, "noise": 1.0, "dropout": 0.0}
+
+
+def test_flat_gate_overrides_are_refused_with_the_new_names(small_features: Path) -> None:
+    fitted = FittedTransform.load(small_features / "transform.json")
+    with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['gate_noise', 'top_k'\].*"
+                                         r"fields of 'gate': gate.kind, gate.top_k"):
+        ModelConfig.from_fitted(fitted, top_k=1, gate_noise=0.5)
+    got = ModelConfig.from_fitted(fitted, gate={"kind": "noisy_topk", "top_k": 1})
+    assert got.gate == GateConfig("noisy_topk", top_k=1)
+    assert ModelConfig.from_fitted(fitted, gate="noisy_topk").gate == GateConfig("noisy_topk")
+    with pytest.raises(ValueError, match=r"unknown gate field\(s\) \['k'\]"):
+        ModelConfig.from_fitted(fitted, gate={"k": 1})
+
+
 def test_defaults_keep_the_dense_softmax_mmoe() -> None:
     cfg = ModelConfig(sparse=(), dense=("x",), tasks=TASKS)
-    assert (cfg.model, cfg.gate, cfg.gate_dropout, cfg.load_balance_weight) == ("mmoe", "softmax", 0.0, 0.0)
-    assert cfg.gating.top_k is None and cfg.gating.noise == 0.0
+    assert (cfg.model, cfg.gate, cfg.load_balance_weight) == ("mmoe", GateConfig(), 0.0)
+    assert cfg.gate.kind == "softmax" and not cfg.gate.sparse and cfg.gate.dropout == 0.0
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"gate": "dense"}, "gate must be one of ['softmax', 'noisy_topk'], got 'dense'"),
-        ({"top_k": 0}, "top_k must be >= 1, got 0"),
-        ({"gate": "noisy_topk", "top_k": 4}, "top_k must be <= 3 (experts one mmoe gate sees), got 4"),
-        ({"gate_dropout": 1.0}, "gate_dropout must be in [0, 1), got 1.0"),
-        ({"gate_noise": -1.0}, "gate_noise must be finite and >= 0, got -1.0"),
+        ({"gate": "dense"}, "gate must be a GateConfig (GateConfig.of builds one), got 'dense'"),
+        ({"gate": GateConfig("noisy_topk", top_k=4)}, "gate.top_k must be <= 3 (experts one mmoe gate sees), got 4"),
         ({"load_balance_weight": -0.1}, "load_balance_weight must be finite and >= 0, got -0.1"),
         ({"ple_levels": 0}, "ple_levels must be >= 1, got 0"),
         ({"num_shared_experts": 0}, "num_shared_experts must be >= 1, got 0"),
@@ -284,10 +304,10 @@ def test_config_rejects_bad_values_naming_them(overrides: dict[str, Any], messag
 
 
 def test_top_k_limit_follows_the_smallest_gate() -> None:
-    tiny("ple", gate="noisy_topk", top_k=3)  # task gates see 1 own + 2 shared experts
+    tiny("ple", gate=GateConfig("noisy_topk", top_k=3))  # task gates see 1 own + 2 shared experts
     with pytest.raises(ValueError, match=r"top_k must be <= 3 \(experts one ple gate sees\), got 4"):
-        tiny("ple", gate="noisy_topk", top_k=4)
-    tiny("single_task", gate="noisy_topk", top_k=9)  # no gates: nothing to check against
+        tiny("ple", gate=GateConfig("noisy_topk", top_k=4))
+    tiny("single_task", gate=GateConfig("noisy_topk", top_k=9))  # no gates: nothing to check against
 
 
 def test_single_task_losses_stay_in_their_own_network() -> None:
@@ -389,7 +409,7 @@ def test_gateless_models_return_no_aux_even_when_asked() -> None:
 
 def test_set_top_k_lowers_k_at_inference_without_retraining() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny("mmoe", gate="noisy_topk", top_k=3)).eval()
+    model = build_model(tiny("mmoe", gate=GateConfig("noisy_topk", top_k=3))).eval()
     batch = tiny_batch()
     with torch.no_grad():
         dense_gates = model(batch.sparse, batch.dense).gates
@@ -414,7 +434,7 @@ def test_set_top_k_on_ple_is_bounded_by_the_task_gates() -> None:
 
 def test_gate_dropout_in_the_model_only_in_training() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny("mmoe", gate_dropout=0.5))
+    model = build_model(tiny("mmoe", gate=GateConfig(dropout=0.5)))
     batch = tiny_batch()
     trained = model.train()(batch.sparse, batch.dense).gates
     served = model.eval()(batch.sparse, batch.dense).gates

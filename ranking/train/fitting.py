@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -33,9 +33,9 @@ from features.fitted import FittedTransform
 from ranking.artifact import build_model, warm_start
 from ranking.config import ModelConfig
 from ranking.evaluate import evaluate, split_table
+from ranking.train.config import FitConfig
 from ranking.train.data import RankingDataModule, load_features
-from ranking.train.loss import LossConfig
-from ranking.train.module import OptimConfig, RankingModule
+from ranking.train.module import RankingModule
 from ranking.train.sharding import TorchRecStrategy
 
 if TYPE_CHECKING:
@@ -44,65 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ranking.train")
 
 SHARDED_EMBEDDING_LR = 0.05  # the fused row-wise Adagrad default when embedding_lr is unset
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How one model is trained; every field has the default ``ranker train`` uses.
-
-    Args:
-        epochs, batch_size: passes over the training split and rows per step.
-        optim: the optimiser (:class:`~ranking.train.module.OptimConfig`).
-        loss: the loss's weighting and embedding L2 (:class:`~ranking.train.loss.LossConfig`).
-        seed: seeds the initialisation, the batch order and every step's randomness.
-        accelerator, devices, num_nodes: Lightning's; multi-node DDP launches one process per
-            device on every node (torchrun, SLURM).
-        strategy: ``"auto"``, ``"ddp"`` (gloo on CPU, nccl on GPU) or ``"torchrec"`` (sharded tables).
-        sharding_type: torchrec only: force table_wise, row_wise, ...; None = TorchRec's planner.
-        embedding_optimizer: torchrec only: the tables' fused optimizer.
-        precision: None = bf16-mixed on a GPU, 32-true on CPU.
-        monitor, monitor_mode: the best-epoch (and early-stopping) metric.
-        early_stopping_patience: epochs without improvement before stopping; 0 = never stop early.
-        limit_train_batches: Lightning's (a fraction or a count of batches per epoch).
-        validate: run the validation split each epoch (needed for selection and early stopping).
-        final_eval: evaluate the selected weights on each of ``val`` and ``test`` the folder holds
-            (``final/<split>/...`` metrics).
-        progress_bar: let Lightning show its progress bar (a callback of the caller's decides its form).
-        log_every_n_steps: Lightning's step-logging interval.
-    """
-
-    epochs: int = 2
-    batch_size: int = 1024
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    sharding_type: str | None = None
-    embedding_optimizer: str = "rowwise_adagrad"
-    precision: str | None = None
-    monitor: str = "val/loss"
-    monitor_mode: Literal["min", "max"] = "min"
-    early_stopping_patience: int = 0
-    limit_train_batches: int | float = 1.0
-    validate: bool = True
-    final_eval: bool = True
-    progress_bar: bool = False
-    log_every_n_steps: int = 50
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.monitor_mode not in ("min", "max"):
-            raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
-        if self.early_stopping_patience < 0:
-            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
-        if self.early_stopping_patience and not self.validate:
-            raise ValueError("early_stopping_patience needs validate=True (it watches a validation metric)")
 
 
 @dataclass
@@ -203,7 +144,7 @@ def fit(
     if init_from is not None:
         copied = warm_start(network, fitted, init_from)
         log.info("warm start from %s: %s", init_from, copied)
-    module = RankingModule(network, model_config, cfg.optim, cfg.loss, cfg.seed)
+    module = RankingModule(network, model_config, cfg)
 
     best: ModelCheckpoint | None = None
     own: list[Callback] = []
