@@ -368,6 +368,9 @@ def serve_cmd(
     compile: Annotated[bool, typer.Option(
         help="compile the network ahead of time at load (AOTInductor; the first load of an artifact takes "
              "15-50 s, later ones reuse $RANKER_COMPILE_CACHE; eager if it fails or disagrees).")] = False,
+    experts_k: Annotated[int, typer.Option(
+        help="Experts per row at serving (fewer = cheaper; top-k, the shared selection's k, or expert choice's "
+             "capacity).", show_default="0: the artifact's gate.serving_k, else as trained")] = 0,
 ) -> None:
     """Serve the Ranker gRPC API (health checks and reflection included) until SIGINT/SIGTERM.
 
@@ -385,6 +388,8 @@ def serve_cmd(
         raise ValueError(f"--max-queue-wait-ms must be a finite number >= 0 (0: no budget), got {max_queue_wait_ms}")
     if torch_threads < 1:
         raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")
+    if experts_k < 0:
+        raise ValueError(f"--experts-k must be >= 0 (0: the artifact's own), got {experts_k}")
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     check_bindable(host, port, "--port")
@@ -417,11 +422,11 @@ def serve_cmd(
         batching=BatcherConfig(max_batch_candidates=max_batch_candidates, max_queue_delay_us=max_queue_delay_us,
                                max_queue=max_queue, max_queue_wait_us=round(max_queue_wait_ms * 1000),
                                enabled=batching),
-        reload_interval_s=reload_interval_s, metrics_port=metrics_port, compile=compile,
+        reload_interval_s=reload_interval_s, metrics_port=metrics_port, compile=compile, experts_k=experts_k,
     )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
     with reading("model", model), _quiet("serving"):
-        check = ModelHolder(model, store)  # what the server will load, once, before binding
+        check = ModelHolder(model, store, experts_k=experts_k)  # what the server will load, once, before binding
         try:
             check.load()
         finally:

@@ -15,9 +15,11 @@ if TYPE_CHECKING:  # a type only: this module stays standard library (the comman
     from features.fitted import FittedTransform
 
 ModelKind = Literal["single_task", "shared_bottom", "omoe", "mmoe", "ple"]
-GateKind = Literal["softmax", "noisy_topk"]
+GateKind = Literal["softmax", "noisy_topk", "top_p", "hash", "expert_choice", "shared_topk"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
+ROW_GATE_KINDS = ("softmax", "noisy_topk", "top_p")  # each row's weights from its own logits: any gated model
+MMOE_GATE_KINDS = ("hash", "expert_choice", "shared_topk")  # routing over the task gates together: MMoE only
 
 
 @dataclass(frozen=True)
@@ -46,15 +48,41 @@ class TaskHead:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How every gate of a model turns its input into weights over its E experts (``ranking.gating.Gate``).
+    """How every gate of a model turns its input into weights over its E experts (``ranking.gating``).
 
     Args:
-        kind: ``"softmax"`` (dense, Ma et al. 2018) or ``"noisy_topk"`` (Shazeer et al. 2017: the k
-            largest logits, softmax over them, zeros elsewhere; k can be lowered after training).
-        top_k: noisy_topk: experts kept per row.
-        noise: noisy_topk: scale of the trainable Gaussian logit noise, training only; 0 = plain top-k.
+        kind: the routing strategy:
+
+            - ``"softmax"``: dense, every expert on every row (Ma et al. 2018);
+            - ``"noisy_topk"``: the ``top_k`` largest logits, softmax over them (Shazeer et al. 2017),
+              with trainable Gaussian noise of scale ``noise`` in training;
+            - ``"top_p"``: per row the fewest experts whose softmax weights reach ``top_p``, at least
+              ``min_experts`` and at most ``max_experts``, renormalised (dynamic k);
+            - ``"hash"``: the expert fixed by a hash of the row's id of ``hash_feature``, the same
+              for every task, weight 1; no learned router (Roller et al. 2021), the baseline;
+            - ``"expert_choice"``: each expert takes its ``ceil(capacity_factor * n * top_k / E)``
+              best rows of a group of n rows, per task gate (Zhou et al. 2022); the group is the
+              batch in training and one request's candidates at serving;
+            - ``"shared_topk"``: one router picks ``top_k`` of the E shared experts per row for all
+              tasks together; each task's gate mixes those and its own ``private_experts``
+              (a task-shared selection, as Kuaishou's SMES).
+
+            The last three are MMoE's; the first three work for every gated model.
+        top_k: experts per row (noisy_topk, shared_topk) or on average (expert_choice's capacity).
+        noise: noisy_topk: scale of the trainable logit noise, training only; 0 = plain top-k.
         dropout: in training, probability of zeroing each expert's weight before renormalising
-            (Zhao et al. 2019 use 0.1); 0 = off. Any kind.
+            (Zhao et al. 2019 use 0.1); 0 = off. Row kinds only.
+        top_p, min_experts, max_experts: top_p's target mass and bounds; ``max_experts`` 0 = E.
+        hash_feature: hash: the single-valued sparse feature whose id picks the expert; "" = the
+            config's first single-valued sparse feature (the user id in the bundled specs).
+        capacity_factor: expert_choice: rows each expert takes, relative to an even split of
+            ``top_k`` experts per row; 1 means on average ``top_k`` experts per row.
+        private_experts: shared_topk: experts each task owns (always on for its rows).
+        z_loss_weight: the router z-loss of ST-MoE (Zoph et al. 2022), mean squared logsumexp of
+            the router logits, added to the training loss with this weight; 0 = off.
+        serving_k: experts per row when the artifact is served (``InferenceModel``, ``ranker
+            serve``; ``--experts-k`` overrides it): the top-k of the row kinds, the shared
+            selection's k, expert choice's k in its capacity; 0 = as trained.
 
     Example:
         >>> GateConfig("noisy_topk", top_k=1).sparse, GateConfig().sparse
@@ -65,20 +93,42 @@ class GateConfig:
     top_k: int = 2
     noise: float = 1.0
     dropout: float = 0.0
+    top_p: float = 0.8
+    min_experts: int = 1
+    max_experts: int = 0
+    hash_feature: str = ""
+    capacity_factor: float = 1.0
+    private_experts: int = 1
+    z_loss_weight: float = 0.0
+    serving_k: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
             raise ValueError(f"gate.kind must be one of {list(GATE_KINDS)}, got {self.kind!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"gate.top_k must be an integer >= 1, got {self.top_k!r}")
+        for name, low in (("top_k", 1), ("min_experts", 1), ("max_experts", 0), ("private_experts", 1),
+                          ("serving_k", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"gate.{name} must be an integer >= {low}, got {v!r}")
+        if self.max_experts and self.max_experts < self.min_experts:
+            raise ValueError(f"gate.max_experts must be 0 or >= min_experts ({self.min_experts}), "
+                             f"got {self.max_experts}")
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise ValueError(f"gate.noise must be finite and >= 0, got {self.noise}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"gate.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"gate.top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+            raise ValueError(f"gate.capacity_factor must be finite and > 0, got {self.capacity_factor}")
+        if not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
+            raise ValueError(f"gate.z_loss_weight must be finite and >= 0, got {self.z_loss_weight}")
+        if self.dropout > 0 and self.kind not in ROW_GATE_KINDS:
+            raise ValueError(f"gate.dropout applies to {list(ROW_GATE_KINDS)}, not {self.kind!r}")
 
     @property
     def sparse(self) -> bool:
-        """Only some experts get a non-zero weight per row (top-k)."""
+        """Each gate keeps its ``top_k`` largest logits per row (noisy top-k)."""
         return self.kind == "noisy_topk"
 
     @classmethod
@@ -91,9 +141,10 @@ class GateConfig:
         if isinstance(value, dict):
             unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
-                raise ValueError(f"unknown gate field(s) {unknown}; known: kind, top_k, noise, dropout")
+                known = [f.name for f in dataclasses.fields(cls)]
+                raise ValueError(f"unknown gate field(s) {unknown}; known: {known}")
             return cls(**value)
-        raise ValueError(f"gate must be a kind name or a mapping of kind, top_k, noise, dropout; got {value!r}")
+        raise ValueError(f"gate must be a kind name or a mapping of GateConfig's fields; got {value!r}")
 
 
 # The flat gate fields artifacts of format 1 (and model configs before 2026-12-07) wrote, and their new place.
@@ -153,10 +204,7 @@ class ModelConfig:
         for name in ("num_experts", "num_task_experts", "num_shared_experts", "ple_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        limit = self.experts_per_gate
-        if self.gate.sparse and limit is not None and self.gate.top_k > limit:
-            raise ValueError(
-                f"gate.top_k must be <= {limit} (experts one {self.model} gate sees), got {self.gate.top_k}")
+        self._check_gate()
         if not (math.isfinite(self.load_balance_weight) and self.load_balance_weight >= 0):
             raise ValueError(f"load_balance_weight must be finite and >= 0, got {self.load_balance_weight}")
         if not self.tasks:
@@ -166,9 +214,54 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def _check_gate(self) -> None:
+        g, limit = self.gate, self.experts_per_gate
+        if limit is None:
+            return  # no gates: nothing to check against
+        if g.kind in MMOE_GATE_KINDS and self.model != "mmoe":
+            raise ValueError(f"gate.kind {g.kind!r} routes over MMoE's task gates; model {self.model!r} "
+                             f"takes one of {list(ROW_GATE_KINDS)}")
+        if g.z_loss_weight > 0 and self.model != "mmoe":
+            raise ValueError(f"gate.z_loss_weight applies to MMoE's router; model {self.model!r} has none")
+        shared = self.num_experts
+        if g.kind in ("noisy_topk", "expert_choice") and g.top_k > limit:
+            raise ValueError(f"gate.top_k must be <= {limit} (experts one {self.model} gate sees), got {g.top_k}")
+        if g.kind == "shared_topk" and g.top_k > shared:
+            raise ValueError(f"gate.top_k must be <= {shared} (the shared experts), got {g.top_k}")
+        if g.kind == "top_p":
+            for name in ("min_experts", "max_experts"):
+                if getattr(g, name) > limit:
+                    raise ValueError(f"gate.{name} must be <= {limit} (experts one {self.model} gate sees), "
+                                     f"got {getattr(g, name)}")
+        if g.kind == "hash":
+            self.hash_slot()  # raises when no feature fits
+        if g.serving_k:
+            if g.kind == "hash":
+                raise ValueError("gate.serving_k: hash routing runs one expert per row; there is no k to lower")
+            bound = shared if g.kind == "shared_topk" else limit
+            if g.serving_k > bound:
+                raise ValueError(f"gate.serving_k must be <= {bound}, got {g.serving_k}")
+
+    def hash_slot(self) -> str:
+        """The sparse feature hash routing reads (``gate.hash_feature`` or the first single-valued one)."""
+        singles = [s.name for s in self.sparse if not s.multi]
+        name = self.gate.hash_feature or (singles[0] if singles else "")
+        if name not in singles:
+            raise ValueError(f"gate.hash_feature must name a single-valued sparse feature, one of {singles}; "
+                             f"got {self.gate.hash_feature!r}")
+        return name
+
+    @property
+    def total_experts(self) -> int:
+        """Experts in MMoE's pool: ``num_experts``, plus each task's private ones under shared_topk."""
+        private = self.gate.private_experts * len(self.tasks) if self.gate.kind == "shared_topk" else 0
+        return self.num_experts + private
+
     @property
     def experts_per_gate(self) -> int | None:
         """E of the smallest gate this model has (PLE task gates: own + shared); None without gates."""
+        if self.model == "mmoe" and self.gate.kind == "shared_topk":
+            return self.num_experts + self.gate.private_experts
         if self.model in ("omoe", "mmoe"):
             return self.num_experts
         if self.model == "ple":

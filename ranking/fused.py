@@ -43,7 +43,13 @@ from torch.nn import functional as F
 
 from features.plan import EncodedBatch, ServingPlan
 from ranking.blocks import Expert, Tower
-from ranking.gating import Gate
+from ranking.gating import (
+    expert_choice_weights,
+    hash_weights,
+    shared_topk_weights,
+    softmax_weights,
+    top_p_weights,
+)
 from ranking.mmoe import MMoE
 from ranking.models import RankingModel
 from ranking.scores import binary_mask
@@ -149,40 +155,48 @@ def _stack_layers(mlps: Sequence[nn.Sequential]) -> tuple[list[torch.Tensor], li
 class MMoEHead(nn.Module):
     """MMoE after its first hidden layer: stacked experts, fused gates, stacked towers.
 
-    ``first`` computes ``[experts' first layer (E * D1) | gate logits (T * E)]`` for every row; with
-    a shared bottom, it is the experts' and gates' input projection on the bottom's output.
+    ``first`` computes ``[experts' first layer (E * D1) | gate logits (T * E_gate) | router (S)]``
+    for every row (the router only for a task-shared selection); with a shared bottom, it is the
+    experts' and gates' input projection on the bottom's output. The routing is the model's
+    (``ranking.gating``'s functions, so the weights equal the training path's); expert choice
+    groups the candidates by request, hash routing reads the rows' ids of its feature.
     """
 
     def __init__(self, model: MMoE) -> None:
         super().__init__()
         experts = cast("list[Expert]", list(model.experts))  # nn.ModuleList/ModuleDict type their items as Module
-        gates = cast("list[Gate]", list(model.gates.values()))
-        self.n_experts, self.n_tasks = len(experts), len(gates)
-        self.top_k = gates[0].top_k if gates[0].top_k is not None and gates[0].top_k < self.n_experts else None
+        routing = model.gates
+        gates = routing.gates
+        self.kind = routing.kind
+        self.n_experts, self.n_tasks = len(experts), len(model.task_names)
+        self.route_k = routing.top_k  # expert choice's capacity, the shared selection's k (set_top_k lowers it)
+        self.capacity_factor = routing.config.capacity_factor
+        self.private = routing.config.private_experts
+        g0 = gates[0] if gates else None
+        self.top_k = g0.top_k if g0 is not None and g0.top_k is not None and g0.top_k < g0.num_experts else None
+        self.top_p = g0.top_p if g0 is not None else None
         w, b = _stack_layers(experts)  # layer 0: (E, D, D1)
         self.d1 = w[0].shape[2]
         self.expert_w = [x for x in w[1:]]  # (E, Din, Dout) per later layer
         self.expert_b = [x for x in b[1:]]
+        projections = [g.proj for g in gates] + ([routing.router] if routing.router is not None else [])
         first_w = torch.cat([w[0].transpose(1, 2).reshape(-1, w[0].shape[1]),  # (E * D1, D)
-                             torch.cat([g.proj.weight.detach() for g in gates])])  # (T * E, D)
-        first_b = torch.cat([b[0].reshape(-1), torch.cat([g.proj.bias.detach() for g in gates])])
+                             *[p.weight.detach() for p in projections]])  # (T * E_gate [+ S], D)
+        first_b = torch.cat([b[0].reshape(-1), *[p.bias.detach() for p in projections]])
+        self.gate_width = g0.num_experts if g0 is not None else 0
         self.first_weight, self.first_bias = first_w, first_b
         towers = [cast(Tower, model.towers[t]) for t in model.task_names]
         tw, tb = _stack_layers([nn.Sequential(*t.mlp, t.out) for t in towers])
         self.tower_w, self.tower_b = tw, tb  # (T, Din, Dout); the last layer's Dout is 1
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, E * D1 + T * E) -> (T, N) logits."""
-        n, e, t = h.shape[0], self.n_experts, self.n_tasks
+    def forward(self, h: torch.Tensor, owner: torch.Tensor, n_requests: int,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
+        """h (N, E * D1 + T * E_gate [+ S]), owner (N,) request of each row -> (T, N) logits."""
+        n, e = h.shape[0], self.n_experts
         x = torch.relu(h[:, : e * self.d1]).view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
         for w, b in zip(self.expert_w, self.expert_b, strict=True):
             x = torch.relu(torch.baddbmm(b, x, w))  # (E, N, Dout)
-        logits = h[:, e * self.d1 :].reshape(n, t, e).float()  # (N, T, E), softmax in float32
-        if self.top_k is not None:
-            top = logits.topk(self.top_k, dim=-1)
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
-        g = (logits - logits.amax(dim=-1, keepdim=True)).exp()
-        g = g / g.sum(dim=-1, keepdim=True)  # (N, T, E)
+        g = self.weights(h[:, e * self.d1:], owner, n_requests, ids)  # (N, T, E)
         mixed = torch.bmm(g.to(x.dtype), x.transpose(0, 1)).transpose(0, 1)  # (N, T, E) @ (N, E, De) -> (T, N, De)
         last = len(self.tower_w) - 1
         for depth, (w, b) in enumerate(zip(self.tower_w, self.tower_b, strict=True)):
@@ -190,6 +204,25 @@ class MMoEHead(nn.Module):
             if depth < last:
                 mixed = torch.relu(mixed)
         return mixed.squeeze(-1)  # (T, N)
+
+    def weights(self, gate_cols: torch.Tensor, owner: torch.Tensor, n_requests: int,
+                ids: torch.Tensor | None) -> torch.Tensor:
+        """The gate columns of ``first`` (N, T * E_gate [+ S]) -> (N, T, E) mixture weights, float32."""
+        n, t = gate_cols.shape[0], self.n_tasks
+        if self.kind == "hash":
+            assert ids is not None
+            return hash_weights(ids, self.n_experts, t)
+        logits = gate_cols[:, : t * self.gate_width].reshape(n, t, self.gate_width).float()  # (N, T, E_gate)
+        if self.kind == "shared_topk":
+            router = gate_cols[:, t * self.gate_width:].float()  # (N, S)
+            return shared_topk_weights(logits, router, self.route_k, self.private)
+        if self.kind == "expert_choice":
+            return expert_choice_weights(softmax_weights(logits), self.route_k, self.capacity_factor, owner, n_requests)
+        if self.top_k is not None:
+            top = logits.topk(self.top_k, dim=-1)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+        g = softmax_weights(logits)  # (N, T, E)
+        return top_p_weights(g, *self.top_p) if self.top_p is not None else g
 
 
 class _Scores(nn.Module):
@@ -261,8 +294,19 @@ class FusedScorer(nn.Module):
                                                 sides["request"].columns, sides["item"].columns)
             else:
                 self.after_bottom = None
+        self.hash_at: tuple[str, int] | None = None  # (side, column of that side's ids) of hash routing's feature
+        if isinstance(model, MMoE) and model.hash_feature is not None:
+            side = plan.side(model.hash_feature)
+            self.hash_at = (side, sides[side].singles.index(model.hash_feature))
         order = sides["request"].columns + sides["item"].columns
         self.register_buffer("to_config", torch.tensor(np.argsort(order), dtype=torch.long))
+
+    def route_ids(self, ids_r: torch.Tensor, ids_i: torch.Tensor, owner: torch.Tensor) -> torch.Tensor | None:
+        """Hash routing's ids, (N,): the hash feature's column of its side (request ids once per candidate)."""
+        if self.hash_at is None:
+            return None
+        side, col = self.hash_at
+        return ids_r[:, col].index_select(0, owner) if side == "request" else ids_i[:, col]
 
     @torch.inference_mode()
     def score(self, batch: EncodedBatch) -> torch.Tensor:
@@ -351,10 +395,12 @@ class FusedScorer(nn.Module):
         if self.first is not None:
             x = self.bottom_rest(self.first(x_r, x_i, owner))  # (N, D); bottom_rest starts with its ReLU
             if self.mmoe is not None:
-                logits: torch.Tensor = self.mmoe(F.linear(x, self.mmoe.first_weight, self.mmoe.first_bias))
+                h = F.linear(x, self.mmoe.first_weight, self.mmoe.first_bias)
+                logits: torch.Tensor = self.mmoe(h, owner, x_r.shape[0], self.route_ids(ids_r, ids_i, owner))
                 return logits
         elif self.after_bottom is not None:  # built only for an MMoE head
-            logits = cast(MMoEHead, self.mmoe)(self.after_bottom(x_r, x_i, owner))
+            logits = cast(MMoEHead, self.mmoe)(self.after_bottom(x_r, x_i, owner), owner, x_r.shape[0],
+                                               self.route_ids(ids_r, ids_i, owner))
             return logits
         else:
             x = torch.cat([x_r.index_select(0, owner), x_i], dim=1).index_select(1, self.to_config)  # (N, D)

@@ -51,10 +51,20 @@ class InferenceModel:
         >>> combined = model.combine(scores)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path, compile: bool = False) -> None:
-        """Load the artifact at ``path``; ``compile=True`` compiles the serving network (see :meth:`compile`)."""
+    def __init__(self, path: str | Path, compile: bool = False, experts_k: int = 0) -> None:
+        """Load the artifact at ``path``; ``compile=True`` compiles the serving network (see :meth:`compile`).
+
+        ``experts_k`` > 0 serves that many experts per row (``ranker serve --experts-k``, see
+        ``RankingModel.set_top_k``); 0 takes the artifact's ``gate.serving_k`` (0 there: as trained).
+        """
         self.path = Path(path)
         self.model, self.config, self.fitted, self.metadata = load_artifact(path)
+        self.experts_k = experts_k or self.config.gate.serving_k
+        if self.experts_k:
+            try:
+                self.model.set_top_k(self.experts_k)
+            except ValueError as e:
+                raise ValueError(f"experts_k {self.experts_k} does not fit {str(self.path)!r}: {e}") from None
         self.tasks = [t.name for t in self.config.tasks]
         self.default_weights: dict[str, float] = serving_weights(self.config.tasks)
         self.plan = ServingPlan.from_fitted(self.fitted)  # lookup tables, cut points, formulas: once
@@ -64,8 +74,8 @@ class InferenceModel:
             self.compile()
 
     @classmethod
-    def load(cls, path: str | Path, compile: bool = False) -> InferenceModel:
-        return cls(path, compile)
+    def load(cls, path: str | Path, compile: bool = False, experts_k: int = 0) -> InferenceModel:
+        return cls(path, compile, experts_k)
 
     def compile(self, cache_dir: str | Path | None = None) -> bool:
         """Compile the serving network ahead of time (AOTInductor); eager stays the fallback.
@@ -120,7 +130,7 @@ class InferenceModel:
         # Inductor's CPU kernels fix their OpenMP thread count at compile time: a package compiled with
         # 2 threads run by 2 workers on 2 cores would oversubscribe them, so the count is part of the name
         h.update(f"{torch.__version__} {platform.machine()} {platform.python_version()} "
-                 f"threads={torch.get_num_threads()}".encode())
+                 f"threads={torch.get_num_threads()} experts_k={self.experts_k}".encode())
         return h.hexdigest()[:32]
 
     def _empty_lists_probe(self) -> Any:

@@ -8,7 +8,7 @@ in ``ranking.gating``.
 from __future__ import annotations
 
 import torch
-from torchrec import KeyedJaggedTensor  # noqa: F401  # the docstring's example uses it
+from torchrec import KeyedJaggedTensor
 
 from ranking.blocks import Experts
 from ranking.config import ModelConfig
@@ -21,14 +21,16 @@ __all__ = ["MMoE"]
 class MMoE(RankingModel):
     """TorchRec embeddings -> shared bottom -> E experts, one gate per task -> one tower per task.
 
-    The YouTube layout (Zhao et al., RecSys 2019): the mixture sits on a shared bottom; gates may
-    be dense softmax or noisy top-k, with optional gate dropout (see ``ranking.gating``).
+    The YouTube layout (Zhao et al., RecSys 2019): the mixture sits on a shared bottom; the task
+    gates route by ``config.gate.kind`` (dense softmax, noisy top-k, top-p, hash, expert choice or
+    a task-shared top-k; see ``ranking.gating``).
 
     Args:
         config: the model config (tables, dense inputs, tasks, widths, gating).
 
     Returns (from ``forward``): :class:`ModelOutput` with logits per task, each (B,), gate
-    weights (B, T, E) and, when ``config.load_balance_weight > 0``, ``aux["load_balance"]``.
+    weights (B, T, E), when ``config.load_balance_weight > 0`` ``aux["load_balance"]`` and, when
+    ``config.gate.z_loss_weight > 0``, ``aux["router_z"]``.
 
     Example:
         >>> from ranking.config import SparseSlot, TaskHead
@@ -41,12 +43,27 @@ class MMoE(RankingModel):
     """
 
     def build_mixing(self, config: ModelConfig) -> None:
-        self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
+        self.experts = Experts(self.width, config.expert_dims, config.total_experts, config.dropout)
         self.gates = TaskGates(self.task_names, self.width, config.num_experts, config.gate)
+        self.hash_feature = config.hash_slot() if config.gate.kind == "hash" else None
 
-    def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, position: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> ModelOutput:
+        """embed -> head; ``groups`` (B,) are expert choice's groups (None: the batch is one group)."""
+        ids = sparse[self.hash_feature].values() if self.hash_feature is not None else None  # (B,) one id each
+        return self.head(self.embed(sparse, dense), position, ids=ids, groups=groups)
+
+    def head(self, x: torch.Tensor, position: torch.Tensor | None = None, *, ids: torch.Tensor | None = None,
+             groups: torch.Tensor | None = None) -> ModelOutput:
         """The front's (B, D) -> experts -> gates -> each task's mixture -> towers."""
         experts: torch.Tensor = self.experts(x)  # (B, E, De)
-        gates: torch.Tensor = self.gates(x)  # (B, T, E), tasks in config order
+        gates, z_loss = self.gates.route(x, ids, groups)  # (B, T, E), tasks in config order
         mixed = self.gates.mix(gates, experts)  # (B, T, De)
-        return self.predict(mixed, position, gates, routing=[gates])
+        out = self.predict(mixed, position, gates, routing=[gates])
+        if z_loss is not None:
+            out.aux["router_z"] = z_loss
+        return out
+
+    def set_top_k(self, k: int) -> None:
+        """Fewer experts per row from now on (see :meth:`TaskGates.set_top_k`); not written to the config."""
+        self.gates.set_top_k(k)

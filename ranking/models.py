@@ -38,11 +38,13 @@ class ModelOutput:
 
     Attributes:
         logits: task name -> (B,) logits (binary tasks) or predictions (regression tasks).
-        gates: (B, T, E) gate weights per task, rows summing to 1; None for models without gates.
+        gates: (B, T, E) gate weights per task, rows summing to 1 (expert choice: what the
+            experts that took the row give it, 0 when none did); None for models without gates.
             OMoE repeats its one gate for every task; PLE gives the last level's task gates over
             [the task's own experts, then the shared experts].
         aux: unweighted auxiliary losses (scalars), e.g. ``"load_balance"`` when the config's
-            ``load_balance_weight > 0``; the trainer weighs and adds them.
+            ``load_balance_weight > 0`` and ``"router_z"`` (MMoE, ``gate.z_loss_weight > 0``); the
+            trainer weighs and adds them.
     """
 
     logits: dict[str, torch.Tensor]

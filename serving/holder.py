@@ -124,9 +124,10 @@ class ModelHolder:
         loaded 4
     """
 
-    def __init__(self, uri: str, tracking_uri: str | None = None, compile: bool = False) -> None:
+    def __init__(self, uri: str, tracking_uri: str | None = None, compile: bool = False, experts_k: int = 0) -> None:
         self.uri = uri
         self.compile = compile  # compile each version ahead of time at load (InferenceModel.compile)
+        self.experts_k = experts_k  # experts per row at serving; 0 = each artifact's own (InferenceModel)
         self.tracking_uri = tracking_uri
         self.listeners: list[Listener] = []
         self._current: LoadedModel | None = None
@@ -269,7 +270,7 @@ class ModelHolder:
         tmpdir: Path | None = None
         try:
             path, tmpdir = self._fetch(target)
-            model = InferenceModel(path, compile=self.compile)
+            model = InferenceModel(path, compile=self.compile, experts_k=self.experts_k)
             if target.registered is not None:
                 name, version = target.registered
             else:

@@ -71,6 +71,8 @@ class ServerOptions:
         compile: compile each loaded model's serving network ahead of time (AOTInductor, see
             ``InferenceModel.compile``: 15-50 s the first time an artifact is loaded, in the loading
             thread, then a cached package; eager when it fails or disagrees).
+        experts_k: experts per row for every model this server loads (``InferenceModel``); 0 =
+            each artifact's ``gate.serving_k``, else as trained.
     """
 
     host: str = "127.0.0.1"
@@ -84,8 +86,11 @@ class ServerOptions:
     metrics_port: int | None = None
     reuse_port: bool = False
     compile: bool = False
+    experts_k: int = 0
 
     def __post_init__(self) -> None:
+        if self.experts_k < 0:
+            raise ValueError(f"experts_k must be >= 0 (0: the artifact's own), got {self.experts_k}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_candidates < 1:
@@ -509,7 +514,8 @@ async def start_server(
         the running server; unpacks as ``server, port, holder``. Stop it with ``await rs.stop()``.
     """
     compile_model = bool(overrides.get("compile", (options or ServerOptions()).compile))
-    holder = model if isinstance(model, ModelHolder) else ModelHolder(model, tracking_uri, compile_model)
+    experts_k = int(overrides.get("experts_k", (options or ServerOptions()).experts_k))
+    holder = model if isinstance(model, ModelHolder) else ModelHolder(model, tracking_uri, compile_model, experts_k)
     rs = create_server(holder, options, **overrides)
     await rs.start()
     try:

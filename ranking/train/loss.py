@@ -7,6 +7,7 @@
     total = sum_t w_t * L_t                 (fixed: w_t = the spec's loss weight)
           | sum_t exp(-s_t) * L_t + s_t     (uncertainty: one learned log-variance s_t per task)
           + load_balance_weight * aux["load_balance"]   (when the model returns it)
+          + gate.z_loss_weight * aux["router_z"]        (MMoE's router z-loss, when the model returns it)
           + embedding_l2 * touched_rows_l2(tables, batch ids)   (training only, when > 0)
 """
 
@@ -87,12 +88,14 @@ class LossParts:
         tasks: task name -> its masked mean loss.
         load_balance: the model's load-balance loss, when it returned one and its weight is > 0.
         embedding_l2: the touched-rows penalty, when it was computed (training, weight > 0).
+        router_z: the router z-loss, when the model returned one and its weight is > 0.
     """
 
     total: torch.Tensor
     tasks: dict[str, torch.Tensor]
     load_balance: torch.Tensor | None = None
     embedding_l2: torch.Tensor | None = None
+    router_z: torch.Tensor | None = None
 
 
 class MultiTaskLoss(nn.Module):
@@ -101,6 +104,7 @@ class MultiTaskLoss(nn.Module):
     Args:
         tasks: the model's objectives (name, type, loss weight), in output order.
         load_balance_weight: weight of the model's ``aux["load_balance"]``; 0 = not added.
+        z_loss_weight: weight of the model's ``aux["router_z"]``; 0 = not added.
         config: weighting and embedding L2 (:class:`LossConfig`).
 
     With ``weighting="uncertainty"`` the module holds a parameter ``log_vars`` (T,), trained with
@@ -117,18 +121,19 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, tasks: Sequence[TaskHead], load_balance_weight: float = 0.0,
-                 config: LossConfig | None = None) -> None:
+                 config: LossConfig | None = None, z_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
         self.load_balance_weight = float(load_balance_weight)
+        self.z_loss_weight = float(z_loss_weight)
         self.config = config or LossConfig()
         self.log_vars = (nn.Parameter(torch.zeros(len(self.tasks))) if self.config.weighting == "uncertainty"
                          else None)
 
     @classmethod
     def for_model(cls, config: ModelConfig, loss: LossConfig | None = None) -> MultiTaskLoss:
-        """The loss of a model built from ``config`` (its tasks and load-balance weight)."""
-        return cls(config.tasks, config.load_balance_weight, loss)
+        """The loss of a model built from ``config`` (its tasks, load-balance and z-loss weights)."""
+        return cls(config.tasks, config.load_balance_weight, loss, config.gate.z_loss_weight)
 
     def forward(self, out: ModelOutput, labels: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 tables: nn.Module | None = None, sparse: KeyedJaggedTensor | None = None) -> LossParts:
@@ -152,11 +157,14 @@ class MultiTaskLoss(nn.Module):
         balance = out.aux.get("load_balance") if self.load_balance_weight > 0 else None
         if balance is not None:
             total = total + self.load_balance_weight * balance
+        router_z = out.aux.get("router_z") if self.z_loss_weight > 0 else None
+        if router_z is not None:
+            total = total + self.z_loss_weight * router_z
         penalty = None
         if tables is not None and sparse is not None and self.config.embedding_l2 > 0:
             penalty = touched_rows_l2(tables, sparse)
             total = total + self.config.embedding_l2 * penalty
-        return LossParts(total, per_task, balance, penalty)
+        return LossParts(total, per_task, balance, penalty, router_z)
 
     def of_batch(self, out: ModelOutput, batch: Batch, tables: nn.Module | None = None) -> LossParts:
         """:meth:`forward` with the labels, masks and (with ``tables``) the ids of ``batch``."""

@@ -232,7 +232,8 @@ def test_readme_states_the_pipelines_steps() -> None:
          "field 'model_config.expert_dims': Input should be a valid tuple (got 'wide')"),
         ("epochz: 3\n", "field 'epochz': Extra inputs are not permitted (got 3)"),
         ("model_config: {gate: {kind: dense}}\n",
-         "field 'model_config.gate.kind': Input should be 'softmax' or 'noisy_topk' (got 'dense')"),
+         "field 'model_config.gate.kind': Input should be 'softmax', 'noisy_topk', 'top_p', 'hash', 'expert_choice' "
+         "or 'shared_topk' (got 'dense')"),
         ("model_config: {top_k: 1}\n", "field 'model_config.top_k': Extra inputs are not permitted (got 1)"),
     ],
 )
@@ -253,8 +254,8 @@ def test_set_values_are_coerced_to_the_field_type() -> None:
                                            "gate.top_k=1"]), "--set")
     assert got == {"expert_dims": (64, 32), "dropout": 0.0, "gate": {"kind": "noisy_topk", "top_k": 1}}
     assert isinstance(got["dropout"], float)
-    with pytest.raises(ValueError, match=r"^invalid --set: field 'gate.kind': Input should be 'softmax' or "
-                                         r"'noisy_topk' \(got 'dense'\)$"):
+    with pytest.raises(ValueError, match=r"^invalid --set: field 'gate.kind': Input should be 'softmax', "
+                                         r"'noisy_topk', .* or 'shared_topk' \(got 'dense'\)$"):
         model_overrides(parse_overrides(["gate.kind=dense"]), "--set")
     with pytest.raises(ValueError, match=r"^invalid --set: field 'gate_noise': Extra inputs are not permitted"):
         model_overrides(parse_overrides(["gate_noise=0.5"]), "--set")

@@ -30,6 +30,7 @@ from ranking.batch import FeatureTable
 from ranking.config import GateConfig, ModelConfig
 from ranking.fused import FusedScorer
 from ranking.inference import InferenceModel
+from ranking.mmoe import MMoE
 from ranking.models import RankingModel
 
 TOLERANCE = 1e-5  # max abs difference of logits: float32 sums in another order, nothing more
@@ -76,7 +77,19 @@ MODELS: dict[str, dict[str, Any]] = {
     "mmoe_two_layer_bottom_dropout": {"bottom_dims": (16, 12), "dropout": 0.2, "gate": GateConfig(dropout=0.1)},
     "mmoe_noisy_topk": {"gate": GateConfig("noisy_topk", top_k=2), "num_experts": 4},
     "mmoe_noisy_topk_no_bottom": {"gate": GateConfig("noisy_topk", top_k=1), "num_experts": 4, "bottom_dims": ()},
+    "mmoe_top_p": {"gate": GateConfig("top_p", top_p=0.7), "num_experts": 4},
+    "mmoe_top_p_no_bottom": {"gate": GateConfig("top_p", top_p=0.9, max_experts=2), "num_experts": 4,
+                             "bottom_dims": ()},
+    "mmoe_hash": {"gate": GateConfig("hash"), "num_experts": 4},
+    "mmoe_hash_no_bottom": {"gate": GateConfig("hash"), "num_experts": 4, "bottom_dims": ()},
+    "mmoe_expert_choice": {"gate": GateConfig("expert_choice", top_k=1), "num_experts": 4},
+    "mmoe_expert_choice_no_bottom": {"gate": GateConfig("expert_choice", top_k=2, capacity_factor=0.5),
+                                     "num_experts": 4, "bottom_dims": ()},
+    "mmoe_shared_topk": {"gate": GateConfig("shared_topk", top_k=2), "num_experts": 4},
+    "mmoe_shared_topk_no_bottom": {"gate": GateConfig("shared_topk", top_k=1, private_experts=2), "num_experts": 3,
+                                   "bottom_dims": ()},
     "omoe": {"model": "omoe"},
+    "omoe_top_p": {"model": "omoe", "gate": GateConfig("top_p", top_p=0.6)},
     "omoe_noisy_topk_no_bottom": {"model": "omoe", "gate": GateConfig("noisy_topk", top_k=2), "bottom_dims": ()},
     "ple": {"model": "ple", "ple_levels": 2, "num_task_experts": 1, "num_shared_experts": 2},
     "ple_cgc_no_bottom": {"model": "ple", "ple_levels": 1, "bottom_dims": ()},
@@ -181,13 +194,20 @@ def network(cfg: ModelConfig, seed: int) -> RankingModel:
     return model.eval()
 
 
-def reference_logits(model: RankingModel, fitted: FittedTransform, rows: pl.DataFrame) -> torch.Tensor:
-    """(T, N) logits of the training network on the reference transform's rows."""
+def reference_logits(model: RankingModel, fitted: FittedTransform, rows: pl.DataFrame,
+                     requests: list[RawRequest] | None = None) -> torch.Tensor:
+    """(T, N) logits of the training network on the reference transform's rows; with ``requests``
+    (the rows' requests, in order) an MMoE's expert choice groups the rows by request, as serving does."""
     ready = fitted.transform(rows.lazy(), with_labels=False).collect()
     batch = FeatureTable(ready.drop("position", strict=False), model.config).all()
     model.eval()
     with torch.no_grad():
-        out = model(batch.sparse, batch.dense, None).logits
+        if isinstance(model, MMoE) and requests is not None:
+            sizes = [len(r[2]["item_key"]) for r in requests]
+            groups = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes))
+            out = model(batch.sparse, batch.dense, None, groups=groups).logits
+        else:
+            out = model(batch.sparse, batch.dense, None).logits
     return torch.stack([out[t.name] for t in model.config.tasks])
 
 
@@ -206,7 +226,7 @@ def fused_and_reference(fitted: FittedTransform, rows: pl.DataFrame, requests: l
     scorer = FusedScorer(model, plan)
     with torch.inference_mode():
         got = scorer(*scorer.inputs(plan.encode(requests)))
-    return got, reference_logits(model, fitted, rows)
+    return got, reference_logits(model, fitted, rows, requests)
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -279,11 +299,16 @@ def test_a_dense_only_model_matches() -> None:
         assert (got - want).abs().max().item() <= TOLERANCE, variant
 
 
+@pytest.mark.parametrize("variant", ["mmoe", "mmoe_expert_choice", "mmoe_expert_choice_no_bottom", "mmoe_hash",
+                                     "mmoe_shared_topk"])
 def test_batched_requests_score_as_each_alone(layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]],
-                                              ) -> None:
+                                              variant: str) -> None:
+    """A request's scores never depend on the other requests of its batch (expert choice included:
+    its experts choose among one request's candidates)."""
     _, fitted, _, requests = layout
     plan = ServingPlan.from_fitted(fitted)
-    scorer = FusedScorer(network(ModelConfig.from_fitted(fitted, **SMALL), seed=2), plan)
+    cfg = ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]})
+    scorer = FusedScorer(network(cfg, seed=2), plan)
     together = scorer.score(plan.encode(requests))
     alone = torch.cat([scorer.score(plan.encode([r])) for r in requests], dim=1)
     assert (together - alone).abs().max().item() <= TOLERANCE

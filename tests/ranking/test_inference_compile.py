@@ -100,5 +100,8 @@ def test_the_package_name_follows_the_artifact(artifact: Path, tmp_path: Path) -
     weights = next(p for p in other.rglob("*.pt") if p.is_file())
     weights.write_bytes(weights.read_bytes() + b"\0")
     changed = InferenceModel.__new__(InferenceModel)  # weights that no longer load: only the key is asked for
-    changed.path = other
+    changed.path, changed.experts_k = other, 0
     assert changed._compile_key() != InferenceModel(artifact)._compile_key()
+    fewer = InferenceModel(artifact)
+    fewer.experts_k = 1  # fewer experts per row: another network, another package
+    assert fewer._compile_key() != InferenceModel(artifact)._compile_key()

@@ -265,7 +265,7 @@ def test_a_format_1_config_with_flat_gate_fields_loads_nested() -> None:
     assert ModelConfig.from_dict(old) == tiny("mmoe", gate=GateConfig("noisy_topk", top_k=1, noise=0.5, dropout=0.1))
     assert ModelConfig.from_dict({**flat, "gate": "softmax", "top_k": 2, "gate_noise": 1.0,
                                   "gate_dropout": 0.0}) == tiny("mmoe")
-    assert tiny("mmoe").to_dict()["gate"] == {"kind": "softmax", "top_k": 2, "noise": 1.0, "dropout": 0.0}
+    assert tiny("mmoe").to_dict()["gate"] == dataclasses.asdict(GateConfig()) and GateConfig().kind == "softmax"
 
 
 def test_flat_gate_overrides_are_refused_with_the_new_names(small_features: Path) -> None:
