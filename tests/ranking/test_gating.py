@@ -128,8 +128,8 @@ def test_drop_experts_rejects_bad_p_and_has_finite_gradients() -> None:
 
 
 def test_gate_config_validates() -> None:
-    with pytest.raises(ValueError, match=r"gate.kind must be one of \['softmax', 'noisy_topk', 'top_p', 'hash', 'expert_choice', "
-                       r"'shared_topk'\], got 'dense'"):
+    with pytest.raises(ValueError, match=r"gate.kind must be one of \['softmax', 'noisy_topk', 'top_p', 'hash', "
+                                         r"'expert_choice', 'shared_topk'\], got 'dense'"):
         GateConfig("dense")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gate.top_k must be an integer >= 1, got 0"):
         GateConfig(top_k=0)
