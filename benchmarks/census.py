@@ -81,20 +81,24 @@ def machine() -> dict[str, Any]:
             "load": os.getloadavg(), "torch": torch.__version__}
 
 
-def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int) -> dict[str, Any]:
-    """Train one model and seed through the pipeline; its selected epoch and val/test AUCs."""
+def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int,
+             overrides: dict[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
+    """Train one model and seed through the pipeline; its selected epoch and val/test AUCs.
+
+    ``overrides`` replace fields of the model's ``MODELS`` settings; ``tag`` names the run folder.
+    """
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(TrainConfig(
-        features=features, out=work / "runs" / f"{model}_{seed}", tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
+        features=features, out=work / "runs" / f"{model}{tag}_{seed}", tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
         model=model, epochs=epochs, seed=seed, monitor="val/auc_mean", monitor_mode="max", experiment=EXPERIMENT,
-        register_as=None, progress_bar=False, model_overrides=MODELS[model], **RECIPE,
+        register_as=None, progress_bar=False, model_overrides={**MODELS[model], **(overrides or {})}, **RECIPE,
     ))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     m = result.metrics
     return {"model": model, "seed": seed, "best_epoch": (result.best_epoch or 0) + 1,  # Lightning counts from 0
             "val": {t: m[f"final/val/{t}/auc"] for t in TASKS}, "test": {t: m[f"final/test/{t}/auc"] for t in TASKS},
-            "wall_s": wall, "cpu_s": cpu, "load1": load, "run_id": result.run_id}
+            "wall_s": wall, "cpu_s": cpu, "load1": load, "run_id": result.run_id, "artifact": str(result.artifact)}
 
 
 def run_peers(peers_work: Path, epochs: int) -> list[dict[str, Any]]:

@@ -101,16 +101,21 @@ def protocol_best_epoch(run_id: str, uri: str) -> tuple[int, list[float]]:
     return int(np.argmax(means)) + 1, means  # argmax returns the first maximum: earliest on ties
 
 
-def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
-    """Train one model and seed, check selection and metrics against the protocol, return its row."""
+def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int, threads: int,
+             overrides: dict[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
+    """Train one model and seed, check selection and metrics against the protocol, return its row.
+
+    ``overrides`` replace fields of the model's ``MODELS`` settings (e.g. ``{"gate": GateConfig(...)}``,
+    ``benchmarks/routing.py``); ``tag`` names the run folder beside the model and seed.
+    """
     uri = f"sqlite:///{work / 'mlflow.db'}"
     torch.set_num_threads(threads)
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(TrainConfig(
-        features=features, out=work / "runs" / f"{model}_{seed}", tracking_uri=uri, model=model, epochs=epochs,
+        features=features, out=work / "runs" / f"{model}{tag}_{seed}", tracking_uri=uri, model=model, epochs=epochs,
         seed=seed, monitor="val/auc_mean", monitor_mode="max", experiment=EXPERIMENT, register_as=None,
-        progress_bar=False, model_overrides=MODELS[model], **RECIPE,
+        progress_bar=False, model_overrides={**MODELS[model], **(overrides or {})}, **RECIPE,
     ))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     best, val_means = protocol_best_epoch(result.run_id, uri)
@@ -126,7 +131,7 @@ def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int, thr
     click_users = result.metrics.get("final/test/is_click/gauc_users")
     return {"model": model, "seed": seed, "best_epoch": best, "val_mean_auc": val_means, "test": test,
             "wall_s": wall, "cpu_us_per_sample": 1e6 * cpu / (154_071 * epochs), "load1": load,
-            "run_id": result.run_id, "click_gauc_users": click_users}
+            "run_id": result.run_id, "click_gauc_users": click_users, "artifact": str(result.artifact)}
 
 
 def run_peers(seeds: list[int], work: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,135 @@
+"""The routing study: which gating strategy of ``GateConfig.kind`` to use, measured on real data.
+
+Strategies (MMoE, the same experts and towers, only the routing changes):
+
+- ``softmax``: dense, every expert on every row (the default);
+- ``noisy_topk``: k = 2 with trainable noise (Shazeer et al.);
+- ``top_p``: p = 0.8, at least 1 expert;
+- ``expert_choice``: k = 2, capacity factor 1 (Zhou et al.);
+- ``hash``: the expert fixed by a hash of the first single-valued sparse feature (KuaiRand: the
+  user id; census: class of worker), no learned router: the baseline;
+- ``shared_topk``: 2 shared experts chosen once per row for all tasks, plus 1 private expert
+  per task (a task-shared selection, as SMES).
+
+Two phases, each resumable from ``--work``:
+
+1. ``--train`` (per ``--dataset``): every strategy and seed through the dataset's benchmark
+   protocol (``benchmarks/kuairand.py``: the peers' KuaiRand-Pure split, test AUC and gAUC per task
+   at the best validation epoch, checked against the protocol's own ``evaluate``;
+   ``benchmarks/census.py``: MMoE paper group 1, test AUC at the best validation epoch). Rows are
+   appended to ``<work>/<dataset>.jsonl`` as runs finish, so an interrupted study continues.
+2. ``--report``: routing health of each selected model on the test split (expert load per task and
+   its CV, active experts per row, rows no expert serves, specialisation), training samples/s, the
+   in-process serving cost per candidate at k = 1..E for experts large enough to matter
+   (16 experts of [512, 256]), and the tables in ``benchmarks/results/routing.md``.
+
+    .venv/bin/python benchmarks/routing.py --train --dataset kuairand --work /tmp/routing
+    .venv/bin/python benchmarks/routing.py --train --dataset census --work /tmp/routing
+    .venv/bin/python benchmarks/routing.py --report --work /tmp/routing
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ranking.config import GateConfig
+
+HERE = Path(__file__).resolve().parent
+STRATEGIES: dict[str, GateConfig] = {
+    "softmax": GateConfig(),
+    "noisy_topk": GateConfig("noisy_topk", top_k=2),
+    "top_p": GateConfig("top_p", top_p=0.8),
+    "expert_choice": GateConfig("expert_choice", top_k=2, capacity_factor=1.0),
+    "hash": GateConfig("hash"),
+    "shared_topk": GateConfig("shared_topk", top_k=2, private_experts=1),
+}
+
+
+def _benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ValueError(f"benchmark {name!r} not found in {str(HERE)!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def done_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def train(dataset: str, work: Path, seeds: list[int], strategies: list[str], epochs: int | None,
+          threads: int) -> None:
+    """Every strategy x seed of one dataset through its protocol; rows appended to ``<work>/<dataset>.jsonl``."""
+    from features.build import build
+    from features.datasets import scan_dataset
+    from features.spec import load_spec
+
+    bench = _benchmark(dataset)
+    data = bench.SHARED / "data" / ("kuairand_pure_subset" if dataset == "kuairand" else "census_income_kdd")
+    root = work / dataset
+    features = root / "features"
+    if not (features / "transform.json").is_file():
+        build(scan_dataset(dataset, data), load_spec(dataset), features)
+    out = work / f"{dataset}.jsonl"
+    have = {(r["strategy"], r["seed"]) for r in done_rows(out)}
+    for name in strategies:
+        for seed in seeds:
+            if (name, seed) in have:
+                continue
+            gate = STRATEGIES[name]
+            if dataset == "kuairand":
+                row = bench.run_ours(root, features, "mmoe", seed, epochs or 5, threads, {"gate": gate}, f"_{name}")
+                rows_per_epoch = 154_071
+            else:
+                import torch
+
+                torch.set_num_threads(threads)
+                row = bench.run_ours(root, features, "mmoe", seed, epochs or 10, {"gate": gate}, f"_{name}")
+                rows_per_epoch = bench.TRAIN_ROWS
+            row.update(strategy=name, dataset=dataset, epochs=epochs or (5 if dataset == "kuairand" else 10),
+                       rows_per_epoch=rows_per_epoch, gate=gate.__dict__)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("dataset", "strategy", "seed", "best_epoch", "wall_s")}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--dataset", choices=("kuairand", "census"), default="kuairand")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--seeds", default="2022,2023,2024", help="comma list; >= 3 for mean ± std")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {list(STRATEGIES)}")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the protocol's (KuaiRand 5, census 10)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "routing.md")
+    args = ap.parse_args()
+    strategies = [s.strip() for s in args.strategies.split(",")]
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        raise SystemExit(f"error: unknown --strategies {unknown}; known: {list(STRATEGIES)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.train:
+        train(args.dataset, args.work, [int(s) for s in args.seeds.split(",")], strategies, args.epochs,
+              args.threads)
+    if args.report:
+        report(args.work, args.out)
+
+
+def report(work: Path, out: Path) -> None:
+    """Phase 2 (see the module docstring)."""
+    raise SystemExit("error: --report is not built yet; the --train rows are in " + str(work))
+
+
+if __name__ == "__main__":
+    main()
