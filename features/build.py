@@ -101,7 +101,7 @@ def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = Non
 
 
 def build(
-    source: str | Path | Sequence[Path] | pl.LazyFrame,
+    source: str | Path | Sequence[Path] | Sequence[pl.LazyFrame] | pl.LazyFrame,
     spec: FeatureSpec,
     out: str | Path,
     train_end: date | None = None,
@@ -111,7 +111,9 @@ def build(
 
     A path source (a file, a folder, or a list of partition files) is read partition by partition
     (one Parquet file at a time) for the checking pass, so memory stays bounded by the largest
-    partition; duplicate keys are then detected within a partition. A LazyFrame source is checked as a whole.
+    partition; duplicate keys are then detected within a partition. A list of LazyFrames (an
+    adapter's parts, ``features.datasets.scan_parts``) is checked one frame at a time the same way;
+    one LazyFrame is checked as a whole.
 
     Args:
         checked: the source holds only rows that already passed :func:`features.validate.with_reason`
@@ -123,9 +125,11 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(source, pl.LazyFrame):
         parts = [source]
+    elif isinstance(source, Sequence) and source and all(isinstance(p, pl.LazyFrame) for p in source):
+        parts = [p for p in source if isinstance(p, pl.LazyFrame)]
     else:
-        files = [Path(f) for f in source] if isinstance(source, Sequence) and not isinstance(source, str) else (
-            log_files(source))
+        files = ([Path(f) for f in source if not isinstance(f, pl.LazyFrame)]
+                 if isinstance(source, Sequence) and not isinstance(source, str) else log_files(source))
         if not files:
             raise ValueError("no input files given")
         parts = [pl.scan_parquet(f) for f in files]

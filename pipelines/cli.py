@@ -206,12 +206,11 @@ def features_build(
     end = _day(train_end, "--train-end")
     _out_folder(out)
     from features.build import build
-    from features.datasets import scan_dataset
+    from features.datasets import scan_parts
     from features.spec import load_spec
 
     with reading("input", input):
-        # A Parquet log folder is built partition by partition (bounded memory); adapters give one frame.
-        source = input if dataset == "synthetic" else scan_dataset(dataset, input)
+        source = scan_parts(dataset, input)  # the adapter's parts, checked one at a time (bounded memory)
     with reading("spec file", spec) if spec else nullcontext():
         feature_spec = load_spec(spec or dataset)
     with reading("input", input):

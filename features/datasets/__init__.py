@@ -33,6 +33,9 @@ ADAPTERS: dict[str, Callable[[str | Path], pl.LazyFrame]] = {
     "kuairand": kuairand.scan,
     "census": census.scan,
 }
+# Adapters whose files split into parts the build checks one at a time (bounded memory); the others
+# give one frame.
+PARTS: dict[str, Callable[[str | Path], list[pl.LazyFrame]]] = {"synthetic": synthetic.parts}
 _DAY = "__day"
 
 
@@ -86,10 +89,21 @@ def scan_partitions(name: str, path: str | Path, spec: FeatureSpec) -> Partition
     return Partitions(scan(path), day)
 
 
+def scan_parts(name: str, path: str | Path) -> list[pl.LazyFrame]:
+    """The source as the parts ``features.build.build`` checks one at a time: an adapter's own split
+    (the synthetic log: one per Parquet file), else the one frame of :func:`scan_dataset`.
+
+    Raises:
+        ValueError: as :func:`scan_dataset`.
+    """
+    _adapter(name)
+    return PARTS[name](path) if name in PARTS else [scan_dataset(name, path)]
+
+
 def _adapter(name: str) -> Callable[[str | Path], pl.LazyFrame]:
     if name not in ADAPTERS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(ADAPTERS)}")
     return ADAPTERS[name]
 
 
-__all__ = ["ADAPTERS", "Partitions", "scan_dataset", "scan_partitions"]
+__all__ = ["ADAPTERS", "PARTS", "Partitions", "scan_dataset", "scan_partitions", "scan_parts"]

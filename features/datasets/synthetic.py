@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.build import scan_log
+from features.build import log_files, scan_log
 
 
 def scan(path: str | Path) -> pl.LazyFrame:
@@ -26,3 +26,9 @@ def scan(path: str | Path) -> pl.LazyFrame:
         ValueError: the path does not exist, or the folder holds no Parquet file.
     """
     return scan_log(path)
+
+
+def parts(path: str | Path) -> list[pl.LazyFrame]:
+    """The log one Parquet file at a time: what ``features.build.build`` checks part by part, so its
+    memory stays bounded by the largest file (duplicate keys are then found within a file)."""
+    return [pl.scan_parquet(f) for f in log_files(path)]
