@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric
 
 from pipelines import quiet
-from pipelines.plots import gate_heatmap
+from pipelines.plots import choice_heatmap, gate_heatmap, routing_heatmap
 from pipelines.tracking import (
     check_tracking_uri,
     close_failed,
@@ -50,7 +50,13 @@ class TrainResult:
 
 
 class GateHeatmaps(L.Callback):
-    """After each validation pass, log the task x expert gate heatmap to the MLflow run."""
+    """After each validation pass, log gate and routing heatmaps to the MLflow run.
+
+    Artifacts, ``<epoch>`` 0-based in three digits: ``gates/gates_epoch_<epoch>.png`` (task x expert
+    mean weight), ``routing/routing_epoch_<epoch>.png`` (task x expert load and importance) and, for
+    each grouping the model is measured against (``category``, ``segment``),
+    ``routing/<grouping>_epoch_<epoch>.png`` (expert x value per task).
+    """
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -59,11 +65,19 @@ class GateHeatmaps(L.Callback):
         health = module.last_gate_health if isinstance(module, RankingModule) else None
         if health is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        path = gate_heatmap(health, self.out / f"gates_epoch_{trainer.current_epoch:03d}.png",
-                            title=f"epoch {trainer.current_epoch}: mean gate weight")
+        epoch = trainer.current_epoch
+        figures = [("gates", gate_heatmap(health, self.out / f"gates_epoch_{epoch:03d}.png",
+                                          title=f"epoch {epoch}: mean gate weight")),
+                   ("routing", routing_heatmap(health, self.out / f"routing_epoch_{epoch:03d}.png",
+                                               title=f"epoch {epoch}: expert load and importance"))]
+        for grouping in health.group_choices:
+            path = choice_heatmap(health, grouping, self.out / f"{grouping}_epoch_{epoch:03d}.png",
+                                  title=f"epoch {epoch}: chosen expert by {grouping}")
+            figures.append(("routing", path))
         logger = trainer.logger
         if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="gates")
+            for folder, path in figures:
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=folder)
 
 
 class Progress(TQDMProgressBar):

@@ -1,4 +1,4 @@
-"""A thin LightningModule around a ranking network: losses, optimiser, per-task metrics, gate health."""
+"""A thin LightningModule around a ranking network: losses, optimiser, per-task metrics, gate and routing health."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ class RankingModule(L.LightningModule):
 
     Logged keys follow ``<split>/<task>/<metric>`` (``val/click/auc``) plus ``<split>/loss``,
     ``<split>/<task>/loss``, ``val/auc_mean`` (mean AUC over binary tasks, the default selection
-    metric) and gate health under ``val/gate/...``.
+    metric), gate health under ``val/gate/...`` and routing health (expert load and importance, dropped
+    rows, experts per row, specialisation on task, item category and user segment) under
+    ``val/routing/...``, every validation pass (keys: :meth:`ranking.gate_health.GateHealth.metrics`).
     """
 
     def __init__(self, model: nn.Module, config: ModelConfig, training: FitConfig | None = None):
@@ -84,9 +86,9 @@ class RankingModule(L.LightningModule):
         if parts.embedding_l2 is not None:
             self._accumulate(split, "train/embedding_l2", parts.embedding_l2, len(batch))
         if split == "val" and out.gates is not None:
-            if self.gate_stats is None:
-                self.gate_stats = GateStats([t.name for t in self.config.tasks], out.gates.shape[-1])
-            self.gate_stats.update(out.gates)
+            if self.gate_stats is None:  # E from the gates: it counts private experts where there are any
+                self.gate_stats = GateStats.for_model(self.config, out.gates.shape[-1])
+            self.gate_stats.update(out.gates, self.gate_stats.ids_of(batch.sparse))
         self._accumulate(split, f"{split}/loss", parts.total, len(batch))
         return parts.total
 

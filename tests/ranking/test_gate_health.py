@@ -1,8 +1,9 @@
-"""Gate health: the statistics, and checks that fail on identical experts and on a polarized gate.
+"""Gate health: the statistics, and checks that fail on identical experts and on a collapsed gate.
 
 The trained-model tests run a real training loop (the model, the batches, Adam) on the small
 synthetic features, then ask :meth:`GateHealth.problems`. A healthy MMoE must come out clean;
-constant initialisation and a gate pushed onto one expert must be caught.
+constant initialisation and a gate pushed onto one expert must be caught. Routing statistics
+(load, dropped rows, specialisation) are tested in test_routing_health.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def test_uniform_and_one_hot_gates() -> None:
     assert h.entropy[0] == pytest.approx(math.log(4)) and h.entropy[1] == pytest.approx(0.0)
     assert h.polarized == [False, True]
     assert h.dead_fraction == 0.0  # task a still uses every expert
-    assert h.problems() == ["gate of task b is polarized (mean top weight 1.000)"]
+    # a one-hot gate on one expert for every row is a collapsed router, not merely a polarized one
+    assert h.problems() == ["router of task b is collapsed: expert e0 takes 100% of its weight"]
 
 
 def test_dead_experts_are_counted_across_tasks() -> None:
@@ -43,7 +45,7 @@ def test_dead_experts_are_counted_across_tasks() -> None:
     stats.update(w.expand(3, 2, 4))
     h = stats.compute()
     assert h.dead_fraction == 0.5 and h.polarized == [False, False]
-    assert h.problems(max_dead_fraction=0.25) == ["50% of experts are near-dead"]
+    assert h.problems(max_dead_fraction=0.25) == ["50% of experts are near-dead: e2, e3"]
     assert h.problems() == []
 
 
@@ -120,7 +122,7 @@ def test_constant_initialisation_is_caught_and_does_not_heal(small_features: Pat
     assert health.expert_spread is not None and health.expert_spread < 1e-6
 
 
-def test_a_polarized_gate_is_caught(small_features: Path, config: ModelConfig) -> None:
+def test_a_gate_pinned_on_one_expert_is_caught_as_collapsed(small_features: Path, config: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_model(config)
     with torch.no_grad():
@@ -130,5 +132,6 @@ def test_a_polarized_gate_is_caught(small_features: Path, config: ModelConfig) -
         gate.proj.weight.requires_grad_(False)  # keep it pinned while the rest trains
         gate.proj.bias.requires_grad_(False)
     health = _train(small_features, model, config, steps=20).compute(model)
-    assert health.problems() == ["gate of task like is polarized (mean top weight 1.000)"], health
+    assert health.problems() == ["router of task like is collapsed: expert e0 takes 100% of its weight"], health
     assert health.polarized == [t.name == "like" for t in config.tasks]
+    assert health.collapsed == [t.name == "like" for t in config.tasks]
