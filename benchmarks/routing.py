@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -126,9 +127,60 @@ def main() -> None:
         report(args.work, args.out)
 
 
+def _stat(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+TASKS = {"kuairand": ("is_click", "long_view", "is_like"), "census": ("income", "never_married")}
+
+
+def quality_table(dataset: str, rows: list[dict[str, Any]]) -> str:
+    """Test metrics at the best validation epoch, mean ± std over seeds, one line per strategy."""
+    tasks = TASKS[dataset]
+    metrics = ("auc", "gauc") if dataset == "kuairand" else ("auc",)
+    head = ["strategy", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "best epoch",
+            "samples/s (whole run)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by = {name: [r for r in rows if r["strategy"] == name] for name in STRATEGIES}
+    base = {(t, m): statistics.mean(_metric(r, t, m) for r in by["softmax"]) for t in tasks for m in metrics} \
+        if by["softmax"] else {}
+    for name, runs in by.items():
+        if not runs:
+            continue
+        cells = [name, str(len(runs))]
+        for t in tasks:
+            for m in metrics:
+                vals = [_metric(r, t, m) for r in runs]
+                delta = f" ({statistics.mean(vals) - base[(t, m)]:+.4f})" if base and name != "softmax" else ""
+                cells.append(_stat(vals) + delta)
+        cells.append(", ".join(str(r["best_epoch"]) for r in runs))
+        rate = [r["rows_per_epoch"] * r["epochs"] / r["wall_s"] for r in runs]
+        cells.append(f"{statistics.median(rate):,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _metric(row: dict[str, Any], task: str, metric: str) -> float:
+    got = row["test"][task]
+    return float(got[metric] if isinstance(got, dict) else got)
+
+
 def report(work: Path, out: Path) -> None:
-    """Phase 2 (see the module docstring)."""
-    raise SystemExit("error: --report is not built yet; the --train rows are in " + str(work))
+    """Phase 2 (see the module docstring): the tables from the rows in ``work``, written to ``out``."""
+    parts = ["# Routing study", "",
+             f"- work folder: `{work}`; rows: `<work>/kuairand.jsonl`, `<work>/census.jsonl`", ""]
+    for dataset in ("kuairand", "census"):
+        rows = done_rows(work / f"{dataset}.jsonl")
+        if not rows:
+            continue
+        parts += [f"## {dataset}: test metrics at the best validation epoch (Δ: against softmax)", "",
+                  quality_table(dataset, rows), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts) + "\n")
+    print("\n".join(parts))
 
 
 if __name__ == "__main__":
