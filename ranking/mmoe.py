@@ -55,10 +55,11 @@ class MMoE(RankingModel):
 
     def head(self, x: torch.Tensor, position: torch.Tensor | None = None, *, ids: torch.Tensor | None = None,
              groups: torch.Tensor | None = None) -> ModelOutput:
-        """The front's (B, D) -> experts -> gates -> each task's mixture -> towers."""
-        experts: torch.Tensor = self.experts(x)  # (B, E, De)
+        """The front's (B, D) -> gates -> experts (each on the rows routed to it) -> each task's mixture -> towers."""
         gates, z_loss = self.gates.route(x, ids, groups)  # (B, T, E), tasks in config order
-        mixed = self.gates.mix(gates, experts)  # (B, T, De)
+        # Dense softmax: every expert on every row and the fast elementwise mixture; routed: each
+        # expert only on its rows where that is cheaper (Experts.mix decides). (B, T, De) either way.
+        mixed = self.gates.mix(gates, self.experts(x)) if self.gates.plain else self.experts.mix(x, gates)
         out = self.predict(mixed, position, gates, routing=[gates])
         if z_loss is not None:
             out.aux["router_z"] = z_loss
