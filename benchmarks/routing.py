@@ -103,6 +103,123 @@ def train(dataset: str, work: Path, seeds: list[int], strategies: list[str], epo
             print(json.dumps({k: row[k] for k in ("dataset", "strategy", "seed", "best_epoch", "wall_s")}), flush=True)
 
 
+# ------------------------------------------------------------------------- serving cost
+LARGE: dict[str, Any] = {"num_experts": 16, "expert_dims": (512, 256)}  # experts large enough for routing to save time
+SERVING_KINDS: dict[str, GateConfig] = {  # the other strategies at their sparsest sensible setting
+    "hash": GateConfig("hash"),
+    "expert_choice k=1": GateConfig("expert_choice", top_k=1),
+    "shared_topk k=1": GateConfig("shared_topk", top_k=1, private_experts=1),
+    "shared_topk k=2": GateConfig("shared_topk", top_k=2, private_experts=1),
+}
+
+
+def test_requests(data: Path, spec: Any, n_candidates: int, count: int) -> list[Any]:
+    """``count`` raw requests of ``n_candidates`` consecutive KuaiRand test rows each (user and
+    context of the first row; rows with a null feature skipped, as the API has no null)."""
+    from features.build import split_expr
+    from features.datasets import scan_dataset
+
+    raw = scan_dataset("kuairand", data)
+    user, context, item = (spec.features_from(s) for s in ("user", "context", "item"))
+    rows = raw.filter(split_expr(raw, spec) == "test").select(*user, *context, *item).drop_nulls() \
+        .head(n_candidates * count).collect()
+    out = []
+    for i in range(count):
+        part = rows.slice(i * n_candidates, n_candidates)
+        first = part.row(0, named=True)
+        out.append(({c: first[c] for c in user}, {c: first[c] for c in context},
+                    {c: part[c].to_list() for c in item}))
+    return out
+
+
+def serving_cost(work: Path, threads: int, rounds: int, seconds: float, aoti: bool) -> list[dict[str, Any]]:
+    """In-process µs per candidate of the KuaiRand model with 16 experts of [512, 256] (untrained
+    weights: the cost does not depend on them), softmax-trained and served at k = 1..16
+    (``InferenceModel(experts_k=k)``, what ``ranker serve --experts-k`` does), and the other
+    strategies; per batch of 1, 100 and 1,000 candidates (10 requests of 100), the forward alone
+    and ``score_requests`` (encode + forward). Configurations are interleaved over ``rounds``;
+    each figure is the fastest round's median."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from features.fitted import FittedTransform
+    from ranking.artifact import build_model, export_artifact
+    from ranking.config import ModelConfig
+    from ranking.inference import InferenceModel
+
+    bench = _benchmark("kuairand")
+    torch.set_num_threads(threads)
+    fitted = FittedTransform.load(work / "kuairand" / "features" / "transform.json")
+    data = bench.SHARED / "data" / "kuairand_pure_subset"
+    reqs = test_requests(data, fitted.spec, 100, 10)
+    one = [(reqs[0][0], reqs[0][1], {c: v[:1] for c, v in reqs[0][2].items()})]
+    batches = {1: one, 100: reqs[:1], 1000: reqs}
+    arts = {}
+    for name, gate in [("softmax", GateConfig()), *SERVING_KINDS.items()]:
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_fitted(fitted, **{**bench.MODELS["mmoe"], **LARGE, "gate": gate})
+        folder = work / "serving" / name.replace(" ", "_").replace("=", "")
+        arts[name] = export_artifact(build_model(cfg), cfg, fitted, folder)
+    e = int(LARGE["num_experts"])
+    dense = f"softmax (dense, k={e})"
+    ks = {f"softmax k={k}" if k < e else dense: k for k in range(1, e + 1)}
+    models: dict[str, InferenceModel] = {name: InferenceModel(arts["softmax"], experts_k=k % e)  # 0: as trained
+                                         for name, k in ks.items()}
+    for name in SERVING_KINDS:
+        models[name] = InferenceModel(arts[name])
+    if aoti:
+        for name in ("softmax k=1", "softmax k=2", "softmax k=4", dense):
+            m = InferenceModel(arts["softmax"], experts_k=ks[name] % e)
+            if m.compile(work / "serving" / "compiled"):
+                models[f"{name}, compiled"] = m
+    encoded = {(name, n): (m, m.plan.encode(b), b) for name, m in models.items() for n, b in batches.items()}
+    for m, _, raw in encoded.values():  # every path equal to its own reference, and warm
+        got, want = m.score_requests(raw), m.reference_score_requests(raw)
+        for g, w in zip(got, want, strict=True):
+            for t in m.tasks:
+                if np.abs(g[t] - w[t]).max() > 1e-4:
+                    raise ValueError(f"{m.path.name} k={m.experts_k}: served scores differ from the reference path "
+                                     f"on {t} by {np.abs(g[t] - w[t]).max():.2e}")
+    best: dict[tuple[str, int, str], float] = {}
+    for _ in range(rounds):
+        for (name, n), (m, enc, raw) in encoded.items():
+            for step, fn in (("forward", lambda m=m, e=enc: m.scorer.score(e)),
+                             ("score_requests", lambda m=m, r=raw: m.score_requests(r))):
+                fn()
+                times = []
+                end = time.perf_counter() + seconds
+                while time.perf_counter() < end or len(times) < 3:
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                us = 1e6 * float(np.median(times)) / n
+                key = (name, n, step)
+                best[key] = min(best.get(key, us), us)
+    rows = []
+    for name in models:
+        row: dict[str, Any] = {"config": name, "threads": threads}
+        for n in batches:
+            for step in ("forward", "score_requests"):
+                row[f"{step}_{n}"] = best[(name, n, step)]
+                row[f"{step}_{n}_ratio"] = best[(name, n, step)] / best[(dense, n, step)]
+        rows.append(row)
+    (work / "serving_cost.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def serving_table(rows: list[dict[str, Any]]) -> str:
+    head = ["serving", *[f"{step} µs/cand @{n} (× dense)" for n in (1, 100, 1000) for step in ("forward",
+                                                                                            "score_requests")]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["config"]] + [f"{r[f'{s}_{n}']:.2f} ({r[f'{s}_{n}_ratio']:.2f})" for n in (1, 100, 1000)
+                                 for s in ("forward", "score_requests")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", action="store_true")
@@ -114,6 +231,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="default: the protocol's (KuaiRand 5, census 10)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "routing.md")
+    ap.add_argument("--serving", action="store_true",
+                    help="measure the serving cost per candidate at k = 1..16 (needs the KuaiRand features of --train)")
+    ap.add_argument("--aoti", action="store_true", help="with --serving: also the compiled network at k = 1, 2, 4, 16")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=0.25, help="with --serving: timed seconds per figure and round")
     args = ap.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",")]
     unknown = sorted(set(strategies) - set(STRATEGIES))
@@ -123,6 +245,8 @@ def main() -> None:
     if args.train:
         train(args.dataset, args.work, [int(s) for s in args.seeds.split(",")], strategies, args.epochs,
               args.threads)
+    if args.serving:
+        print(serving_table(serving_cost(args.work, args.threads, args.rounds, args.seconds, args.aoti)), flush=True)
     if args.report:
         report(args.work, args.out)
 

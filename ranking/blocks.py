@@ -254,8 +254,20 @@ def prefer_sparse(weights: torch.Tensor, row_macs: int) -> bool:
     """
     active = weights.ne(0).any(dim=1)  # (B, E)
     b, e = active.shape
-    pairs, runs = int(active.sum()), int(active.any(dim=0).sum())
-    saved = row_macs * (b * e - _PAIR_FACTOR * pairs + _WEIGHT_READ_MACS * (e - runs))
+    return sparse_saves(b, e, int(active.sum()), int(active.any(dim=0).sum()), row_macs)
+
+
+def sparse_saves(rows: int, experts: int, pairs: float, runs: int, row_macs: int) -> bool:
+    """:func:`prefer_sparse`'s rule on counts: ``pairs`` (row, expert) pairs used, ``runs`` experts run.
+
+    For code that must decide before it sees the weights (an exported network): the counts a
+    configuration expects, e.g. ``rows`` candidates with ``k`` experts each, every expert used.
+
+    Example:
+        >>> sparse_saves(100, 16, 100 * 2, 16, 256 * 512 + 512 * 256), sparse_saves(100, 4, 400, 4, 40_000)
+        (True, False)
+    """
+    saved = row_macs * (rows * experts - _PAIR_FACTOR * pairs + _WEIGHT_READ_MACS * (experts - runs))
     return saved > _EXPERT_RUN_MACS * torch.get_num_threads() * runs
 
 

@@ -18,6 +18,11 @@ path needs and serving does not:
   per layer for all experts), all task gates are one matmul, the towers are stacked like the
   experts. Other variants (``omoe``, ``ple``, ``shared_bottom``, ``single_task``) keep their own
   ``head`` after the fused front.
+- **Routed experts run on their rows only.** A routed mixture (top-k, top-p, hash, expert choice,
+  the shared selection, or ``--experts-k``) computes its gates first; where the weights leave
+  enough experts idle for the experts' size (:func:`ranking.blocks.prefer_sparse` per call in
+  eager, decided once at load for an exported network), each expert runs only on the rows routed
+  to it (:func:`ranking.blocks.sparse_mixture`), so lowering k lowers the cost per candidate.
 
 Inputs are an :class:`features.plan.EncodedBatch`; the output is (T, N) scores: probabilities for
 binary tasks, predictions for regression tasks.
@@ -28,10 +33,11 @@ width; ``_r`` / ``_i`` mark request-side and item-side parts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -42,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from features.plan import EncodedBatch, ServingPlan
-from ranking.blocks import Expert, Tower
+from ranking.blocks import Expert, Tower, prefer_sparse, sparse_mixture, sparse_saves
 from ranking.gating import (
     expert_choice_weights,
     hash_weights,
@@ -185,19 +191,70 @@ class MMoEHead(nn.Module):
         first_b = torch.cat([b[0].reshape(-1), *[p.bias.detach() for p in projections]])
         self.gate_width = g0.num_experts if g0 is not None else 0
         self.first_weight, self.first_bias = first_w, first_b
+        cut = len(experts) * self.d1  # first's rows: the experts' first layer, then the gates
+        self.expert_weight, self.expert_bias = first_w[:cut].contiguous(), first_b[:cut].contiguous()
+        self.gate_weight, self.gate_bias = first_w[cut:].contiguous(), first_b[cut:].contiguous()
+        self.layers = list(zip(w, b, strict=True))  # every expert layer, (E, Din, Dout) and (E, 1, Dout)
+        self.row_macs = sum(int(x.shape[1] * x.shape[2]) for x in w)  # one expert on one row
+        self.pairs_per_row = self._expected_pairs()
+        # a routed mixture's weights have zeros, so some experts may be skipped on some rows
+        self.may_sparse = self.kind in ("hash", "expert_choice", "shared_topk") or self.top_k is not None \
+            or self.top_p is not None
+        # an exported network cannot look at the weights: it decides once, for 100 candidates
+        self.sparse_when_exported = self.may_sparse and sparse_saves(
+            100, self.n_experts, 100 * self.pairs_per_row, self.n_experts, self.row_macs)
         towers = [cast(Tower, model.towers[t]) for t in model.task_names]
         tw, tb = _stack_layers([nn.Sequential(*t.mlp, t.out) for t in towers])
         self.tower_w, self.tower_b = tw, tb  # (T, Din, Dout); the last layer's Dout is 1
 
+    def _expected_pairs(self) -> float:
+        """Experts a row runs, at most (any task's weight non-zero): the configuration's bound."""
+        e, t = self.n_experts, self.n_tasks
+        if self.kind == "hash":
+            return 1.0
+        if self.kind == "shared_topk":
+            return float(min(e, self.route_k + t * self.private))
+        if self.kind == "expert_choice":  # each task's experts take capacity_factor * k rows per row on average
+            return float(min(e, t * self.capacity_factor * self.route_k))
+        if self.top_k is not None:
+            return float(min(e, t * self.top_k))
+        if self.top_p is not None:
+            return float(min(e, t * self.top_p[2]))
+        return float(e)
+
+    def use_sparse(self, g: torch.Tensor) -> bool:
+        """Whether to run each expert on its routed rows only, for these (N, T, E) weights.
+
+        Eager: :func:`ranking.blocks.prefer_sparse` on the weights themselves (so one candidate of
+        small experts stays dense); exported: the choice made at load for 100 candidates.
+        """
+        if not self.may_sparse:
+            return False
+        if torch.compiler.is_compiling():
+            return self.sparse_when_exported
+        return prefer_sparse(g, self.row_macs)
+
     def forward(self, h: torch.Tensor, owner: torch.Tensor, n_requests: int,
                 ids: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, E * D1 + T * E_gate [+ S]), owner (N,) request of each row -> (T, N) logits."""
+        """h (N, E * D1 + T * E_gate [+ S]), owner (N,) request of each row -> (T, N) logits (dense)."""
+        g = self.weights(h[:, self.n_experts * self.d1:], owner, n_requests, ids)  # (N, T, E)
+        return self.dense(h, g)
+
+    def dense(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: h (N, >= E * D1) the experts' first layer, g (N, T, E) -> (T, N)."""
         n, e = h.shape[0], self.n_experts
         x = torch.relu(h[:, : e * self.d1]).view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
         for w, b in zip(self.expert_w, self.expert_b, strict=True):
             x = torch.relu(torch.baddbmm(b, x, w))  # (E, N, Dout)
-        g = self.weights(h[:, e * self.d1:], owner, n_requests, ids)  # (N, T, E)
         mixed = torch.bmm(g.to(x.dtype), x.transpose(0, 1)).transpose(0, 1)  # (N, T, E) @ (N, E, De) -> (T, N, De)
+        return self.towers(mixed)
+
+    def sparse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Each expert on its routed rows only: x (N, D) the experts' input, g (N, T, E) -> (T, N)."""
+        return self.towers(sparse_mixture(self.layers, x, g).transpose(0, 1))  # (T, N, De)
+
+    def towers(self, mixed: torch.Tensor) -> torch.Tensor:
+        """(T, N, De) each task's mixture -> (T, N) logits."""
         last = len(self.tower_w) - 1
         for depth, (w, b) in enumerate(zip(self.tower_w, self.tower_b, strict=True)):
             mixed = torch.baddbmm(b, mixed, w)  # (T, N, Dout)
@@ -223,6 +280,21 @@ class MMoEHead(nn.Module):
             logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
         g = softmax_weights(logits)  # (N, T, E)
         return top_p_weights(g, *self.top_p) if self.top_p is not None else g
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch talks to itself while exporting: its fx tracer warns that its own is_fx_tracing covers
+    export too, and it pickles pytree specs with a check it deprecated (torch 2.13)."""
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    level = fx_log.level
+    fx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        fx_log.setLevel(level)
 
 
 class _Scores(nn.Module):
@@ -290,8 +362,11 @@ class FusedScorer(nn.Module):
             self.bottom_rest = nn.Sequential()
             self.first = None
             if self.mmoe is not None:  # no bottom: experts' first layer and gates take the split
-                self.after_bottom = SplitLinear(self.mmoe.first_weight, self.mmoe.first_bias,
-                                                sides["request"].columns, sides["item"].columns)
+                req, item = sides["request"].columns, sides["item"].columns
+                self.after_bottom = SplitLinear(self.mmoe.first_weight, self.mmoe.first_bias, req, item)
+                if self.mmoe.may_sparse:  # gates first, then the experts' first layer (dense) or the front (sparse)
+                    self.gate_split = SplitLinear(self.mmoe.gate_weight, self.mmoe.gate_bias, req, item)
+                    self.expert_split = SplitLinear(self.mmoe.expert_weight, self.mmoe.expert_bias, req, item)
             else:
                 self.after_bottom = None
         self.hash_at: tuple[str, int] | None = None  # (side, column of that side's ids) of hash routing's feature
@@ -340,24 +415,18 @@ class FusedScorer(nn.Module):
         from torch._inductor import aoti_compile_and_package, aoti_load_package  # Inductor loads slowly: on use
 
         if not package.is_file():
-            args = self.inputs(example)
-            dims = tuple({0: torch.export.Dim.DYNAMIC} if a.dim() == 1 or a.shape[1] > 0 else {} for a in args)
             tmp = package.with_name(f"{package.stem}.{os.getpid()}.tmp.pt2")  # AOTInductor wants .pt2
-            # torch talks to itself while exporting: its fx tracer warns that its own is_fx_tracing
-            # covers export too, and it pickles pytree specs with a check it deprecated (torch 2.13)
-            fx_log = logging.getLogger("torch.fx._symbolic_trace")
-            level = fx_log.level
-            fx_log.setLevel(logging.ERROR)
-            try:
-                with torch.inference_mode(), warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
-                                            category=FutureWarning)
-                    program = torch.export.export(_Scores(self), args, dynamic_shapes=(dims,))
-                    aoti_compile_and_package(program, package_path=str(tmp))
-            finally:
-                fx_log.setLevel(level)
+            with _quiet_export():
+                aoti_compile_and_package(self.export(example), package_path=str(tmp))
             os.replace(tmp, package)
         self._compiled = aoti_load_package(str(package))
+
+    def export(self, example: EncodedBatch) -> torch.export.ExportedProgram:
+        """:meth:`scores` as a ``torch.export`` program with every batch dimension dynamic (see :meth:`compile`)."""
+        args = self.inputs(example)
+        dims = tuple({0: torch.export.Dim.DYNAMIC} if a.dim() == 1 or a.shape[1] > 0 else {} for a in args)
+        with _quiet_export(), torch.inference_mode():
+            return torch.export.export(_Scores(self), args, dynamic_shapes=(dims,))
 
     def uncompile(self) -> None:
         self._compiled = None
@@ -395,14 +464,34 @@ class FusedScorer(nn.Module):
         if self.first is not None:
             x = self.bottom_rest(self.first(x_r, x_i, owner))  # (N, D); bottom_rest starts with its ReLU
             if self.mmoe is not None:
-                h = F.linear(x, self.mmoe.first_weight, self.mmoe.first_bias)
-                logits: torch.Tensor = self.mmoe(h, owner, x_r.shape[0], self.route_ids(ids_r, ids_i, owner))
-                return logits
-        elif self.after_bottom is not None:  # built only for an MMoE head
-            logits = cast(MMoEHead, self.mmoe)(self.after_bottom(x_r, x_i, owner), owner, x_r.shape[0],
-                                               self.route_ids(ids_r, ids_i, owner))
-            return logits
+                return self._mmoe(self.mmoe, x, x_r, x_i, owner, self.route_ids(ids_r, ids_i, owner))
+        elif self.mmoe is not None:
+            return self._mmoe(self.mmoe, None, x_r, x_i, owner, self.route_ids(ids_r, ids_i, owner))
         else:
-            x = torch.cat([x_r.index_select(0, owner), x_i], dim=1).index_select(1, self.to_config)  # (N, D)
+            x = self._front(x_r, x_i, owner)
         out = self.model.head(x, None).logits
         return torch.stack([out[t] for t in self.tasks])  # (T, N)
+
+    def _front(self, x_r: torch.Tensor, x_i: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """The whole front per candidate, in config order: (N, D)."""
+        return torch.cat([x_r.index_select(0, owner), x_i], dim=1).index_select(1, self.to_config)
+
+    def _mmoe(self, mmoe: MMoEHead, x: torch.Tensor | None, x_r: torch.Tensor, x_i: torch.Tensor,
+              owner: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """The MMoE head on the bottom's output ``x``, or, without a bottom (``None``), on the split front.
+
+        A routed mixture (zeros in its weights) computes the gates first and then either every
+        expert on every row or each expert on its rows only (:meth:`MMoEHead.use_sparse`); the
+        dense softmax keeps the one fused matmul of experts and gates.
+        """
+        n_requests = x_r.shape[0]
+        if not mmoe.may_sparse:
+            h = F.linear(x, mmoe.first_weight, mmoe.first_bias) if x is not None \
+                else cast(SplitLinear, self.after_bottom)(x_r, x_i, owner)
+            return cast(torch.Tensor, mmoe(h, owner, n_requests, ids))
+        gates = F.linear(x, mmoe.gate_weight, mmoe.gate_bias) if x is not None else self.gate_split(x_r, x_i, owner)
+        g = mmoe.weights(gates, owner, n_requests, ids)  # (N, T, E)
+        if mmoe.use_sparse(g):
+            return mmoe.sparse(x if x is not None else self._front(x_r, x_i, owner), g)
+        h = F.linear(x, mmoe.expert_weight, mmoe.expert_bias) if x is not None else self.expert_split(x_r, x_i, owner)
+        return mmoe.dense(h, g)

@@ -36,6 +36,7 @@ from features.plan import ServingPlan
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
 from ranking.fused import FusedScorer
+from ranking.mmoe import MMoE
 from ranking.scores import combined_score, serving_weights, task_scores
 
 log = logging.getLogger("ranking")
@@ -143,10 +144,18 @@ class InferenceModel:
         return self.fitted.spec
 
     @torch.inference_mode()
-    def score_frame(self, frame: pl.DataFrame) -> dict[str, np.ndarray]:
-        """Model-ready rows (from the fitted transform) -> task -> (N,) scores."""
+    def score_frame(self, frame: pl.DataFrame, sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Model-ready rows (from the fitted transform) -> task -> (N,) scores.
+
+        ``sizes``: the rows' requests, as consecutive counts; expert choice then groups the rows by
+        request, as serving does (without: the frame is one group, as a training batch).
+        """
         batch = FeatureTable(frame.drop("position", strict=False), self.config).all()
-        out = self.model(batch.sparse, batch.dense, None)
+        if sizes is not None and isinstance(self.model, MMoE):
+            groups = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes))
+            out = self.model(batch.sparse, batch.dense, None, groups=groups)
+        else:
+            out = self.model(batch.sparse, batch.dense, None)
         return {t: s.float().numpy() for t, s in task_scores(out.logits, self.config.tasks).items()}
 
     def score_request(
@@ -194,8 +203,8 @@ class InferenceModel:
         if not requests:
             return []
         frame = self.fitted.transform_requests(list(requests))  # (sum C_i) rows, one Polars query
-        scores = self.score_frame(frame)  # task -> (sum C_i,)
         sizes = np.array([len(next(iter(cands.values()), ())) for _, _, cands in requests])  # C_i
+        scores = self.score_frame(frame, sizes)  # task -> (sum C_i,)
         return _split(self.tasks, np.stack([scores[t] for t in self.tasks]), sizes)
 
     def combine(self, scores: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:

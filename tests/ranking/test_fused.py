@@ -314,7 +314,7 @@ def test_batched_requests_score_as_each_alone(layout: tuple[str, FittedTransform
     assert (together - alone).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize("variant", ["mmoe", "mmoe_noisy_topk_no_bottom", "ple", "single_task"])
+@pytest.mark.parametrize("variant", ["mmoe", "mmoe_noisy_topk_no_bottom", "mmoe_expert_choice", "ple", "single_task"])
 def test_inference_model_serving_path_equals_reference_path(
     layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], variant: str, tmp_path: Path
 ) -> None:
@@ -331,3 +331,87 @@ def test_inference_model_serving_path_equals_reference_path(
             np.testing.assert_allclose(got[task], want[task], atol=TOLERANCE, rtol=0, err_msg=task)
     click = np.concatenate([s["click"] for s in served])
     assert ((click > 0) & (click < 1)).all() and click.std() > 1e-4  # probabilities, and not all alike
+
+
+ROUTED = [v for v in MODELS if v.startswith("mmoe_") and "gate" in MODELS[v] and MODELS[v]["gate"].kind != "softmax"]
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("variant", ROUTED)
+def test_a_routed_head_scores_the_same_with_each_expert_on_its_rows_only(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], variant: str, sparse: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fused head's two ways to mix a routed pool (every expert on every row, or each expert on
+    the rows routed to it) give the training network's logits; the test forces each way and checks
+    that it was the one taken."""
+    import ranking.fused as fused
+
+    _, fitted, rows, requests = layout
+    cfg = ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]})
+    model = network(cfg, seed=13)
+    calls = []
+    real = fused.sparse_mixture
+    monkeypatch.setattr(fused, "prefer_sparse", lambda g, macs: sparse)
+    monkeypatch.setattr(fused, "sparse_mixture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, want = fused_and_reference(fitted, rows, requests, model)
+    assert len(calls) == (1 if sparse else 0)
+    assert want.std(dim=1).min().item() > 0.01
+    assert (got - want).abs().max().item() <= TOLERANCE
+
+
+BIG = {**SMALL, "expert_dims": (1024, 64), "num_experts": 16}  # large enough for the sparse mixture to pay
+
+
+def test_large_experts_run_sparse_and_small_or_dense_pools_do_not(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """16 experts of [1024, 64] at top-1: the cost rule picks the sparse mixture at load (for the
+    exported network) and per call (eager); the dense softmax never, nor top-1 of the small pool."""
+    import ranking.fused as fused
+
+    _, fitted, rows, requests = layout
+    plan = ServingPlan.from_fitted(fitted)
+    softmax = FusedScorer(network(ModelConfig.from_fitted(fitted, **BIG), seed=3), plan)
+    assert softmax.mmoe is not None and not softmax.mmoe.may_sparse
+    small = FusedScorer(network(ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS["mmoe_noisy_topk_no_bottom"]}),
+                                seed=3), plan)
+    assert small.mmoe is not None and small.mmoe.may_sparse and not small.mmoe.sparse_when_exported
+    model = network(ModelConfig.from_fitted(fitted, **BIG, gate=GateConfig("noisy_topk", top_k=1)), seed=3)
+    scorer = FusedScorer(model, plan)
+    head = scorer.mmoe
+    assert head is not None and head.may_sparse and head.sparse_when_exported
+    assert head.pairs_per_row == len(model.config.tasks) == 3  # top-1 per task: at most 3 of 16 experts a row
+    calls = []
+    real = fused.sparse_mixture
+    monkeypatch.setattr(fused, "sparse_mixture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        got = scorer(*scorer.inputs(plan.encode(requests)))
+        small(*small.inputs(plan.encode(requests)))
+    assert calls == [1]  # eager chose sparse for the 160 candidates of the large pool, dense for the small one
+    want = reference_logits(model, fitted, rows, requests)
+    assert want.std(dim=1).min().item() > 0.01
+    assert (got - want).abs().max().item() <= 1e-4  # 1024-wide sums in another order
+
+
+@pytest.mark.parametrize("layout", ["mixed"], indirect=True)  # the one-sided layouts do not export (see below)
+@pytest.mark.parametrize("kind", ["noisy_topk", "hash", "expert_choice", "shared_topk"])
+def test_the_exported_sparse_network_scores_like_eager_at_any_batch_size(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], kind: str,
+) -> None:
+    """The network ``compile`` exports, with the sparse mixture chosen at load and a dynamic batch,
+    equals eager on batch sizes other than its example's. (With every feature on one side, the
+    other side's (R, 0) or (N, 0) inputs pin a dimension, so ``InferenceModel.compile`` falls back
+    to eager there; the softmax network does the same.)"""
+    from ranking.inference import _probe  # the example compile exports with: no dimension of 0 or 1
+
+    _, fitted, _, requests = layout
+    plan = ServingPlan.from_fitted(fitted)
+    gate = GateConfig(kind, top_k=1)
+    scorer = FusedScorer(network(ModelConfig.from_fitted(fitted, **BIG, gate=gate), seed=4), plan)
+    assert scorer.mmoe is not None and scorer.mmoe.sparse_when_exported
+    program = scorer.export(plan.encode([_probe(fitted, 3)] * 2)).module()
+    with torch.inference_mode():
+        for part in (requests, requests[3:4], requests[5:12]):
+            b = plan.encode(part)
+            assert (program(*scorer.inputs(b)) - scorer.score(b)).abs().max().item() <= TOLERANCE
