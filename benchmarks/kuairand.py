@@ -49,6 +49,7 @@ from pipelines.train import train
 from pipelines.train_config import TrainConfig
 from ranking.artifact import load_artifact
 from ranking.batch import FeatureTable
+from ranking.evaluate import EVAL_BATCH
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -81,10 +82,15 @@ def protocol_scores(artifact: Path, features: Path, split: str) -> dict[str, Any
     """Score one split with the selected model and ``prep_kuairand.evaluate``: task -> auc, gauc, logloss."""
     model, cfg, _, _ = load_artifact(artifact)
     frame = pl.read_parquet(features / f"{split}.parquet")
-    b = FeatureTable(frame, cfg).all()
-    with torch.inference_mode():
-        logits = model(b.sparse, b.dense, None).logits
-    p = torch.stack([torch.sigmoid(logits[t]) for t in TASKS], dim=1).double().numpy()  # (N, T)
+    table = FeatureTable(frame, cfg)
+    b = table.all()
+    chunks = []
+    with torch.inference_mode():  # in ranking.evaluate's chunks: expert choice routes within each
+        for start in range(0, frame.height, EVAL_BATCH):
+            c = table.batch(torch.arange(start, min(start + EVAL_BATCH, frame.height)))
+            logits = model(c.sparse, c.dense, None).logits
+            chunks.append(torch.stack([torch.sigmoid(logits[t]) for t in TASKS], dim=1))
+    p = torch.cat(chunks).double().numpy()  # (N, T)
     y = np.stack([b.labels[t].numpy() for t in TASKS], axis=1)  # (N, T)
     uid = frame["user_id"].cast(pl.Int64).to_numpy()  # raw ids: OOV users stay apart
     return protocol().evaluate(y, p, uid, list(TASKS))

@@ -23,9 +23,12 @@ def split_table(features_dir: str | Path, split: str, config: ModelConfig, fitte
     return FeatureTable(frame, config, {k: v for k, v in extra.items() if v is not None})
 
 
+EVAL_BATCH = 16_384  # rows per forward pass of evaluate; expert choice routes within each such group
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix: str,
-             batch_size: int = 16_384, ndcg_k: int = 10,
+             batch_size: int = EVAL_BATCH, ndcg_k: int = 10,
              keep: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None) -> dict[str, float]:
     """Metrics ``<prefix>/<task>/<metric>`` over the whole table.
 
@@ -36,6 +39,10 @@ def evaluate(model: nn.Module, table: FeatureTable, config: ModelConfig, prefix:
 
     ``keep``, when given, receives per task the ``(prediction, label, mask)`` tensors of every
     batch (for plots such as ROC and calibration curves).
+
+    The rows are scored ``batch_size`` at a time in file order; for every routing but expert choice
+    that changes nothing. Expert choice routes within a group, here one such batch (at serving:
+    one request's candidates), so its offline metrics are those of groups of ``batch_size`` rows.
     """
     was_training = model.training
     model.eval()
