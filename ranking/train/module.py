@@ -85,6 +85,8 @@ class RankingModule(L.LightningModule):
             self._accumulate(split, f"{split}/load_balance", parts.load_balance, len(batch))
         if parts.embedding_l2 is not None:
             self._accumulate(split, "train/embedding_l2", parts.embedding_l2, len(batch))
+        if parts.router_z is not None:  # ST-MoE's router z-loss, unweighted (gate.z_loss_weight > 0)
+            self._accumulate(split, f"{split}/router_z", parts.router_z, len(batch))
         if split == "val" and out.gates is not None:
             if self.gate_stats is None:  # E from the gates: it counts private experts where there are any
                 self.gate_stats = GateStats.for_model(self.config, out.gates.shape[-1])
