@@ -78,9 +78,15 @@ def protocol() -> ModuleType:
     return module
 
 
-def protocol_scores(artifact: Path, features: Path, split: str) -> dict[str, Any]:
-    """Score one split with the selected model and ``prep_kuairand.evaluate``: task -> auc, gauc, logloss."""
+def protocol_scores(artifact: Path, features: Path, split: str, experts_k: int = 0) -> dict[str, Any]:
+    """Score one split with the selected model and ``prep_kuairand.evaluate``: task -> auc, gauc, logloss.
+
+    ``experts_k`` > 0: with that many experts per row (``RankingModel.set_top_k``, as ``ranker serve
+    --experts-k``).
+    """
     model, cfg, _, _ = load_artifact(artifact)
+    if experts_k:
+        model.set_top_k(experts_k)
     frame = pl.read_parquet(features / f"{split}.parquet")
     table = FeatureTable(frame, cfg)
     b = table.all()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -258,6 +259,10 @@ def _stat(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 TASKS = {"kuairand": ("is_click", "long_view", "is_like"), "census": ("income", "never_married")}
 
 
@@ -265,8 +270,8 @@ def quality_table(dataset: str, rows: list[dict[str, Any]]) -> str:
     """Test metrics at the best validation epoch, mean ± std over seeds, one line per strategy."""
     tasks = TASKS[dataset]
     metrics = ("auc", "gauc") if dataset == "kuairand" else ("auc",)
-    head = ["strategy", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "best epoch",
-            "samples/s (whole run)"]
+    head = ["strategy", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "verdict vs softmax",
+            "best epoch", "samples/s (whole run)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {name: [r for r in rows if r["strategy"] == name] for name in STRATEGIES}
     base = {(t, m): statistics.mean(_metric(r, t, m) for r in by["softmax"]) for t in tasks for m in metrics} \
@@ -275,11 +280,20 @@ def quality_table(dataset: str, rows: list[dict[str, Any]]) -> str:
         if not runs:
             continue
         cells = [name, str(len(runs))]
+        wins = losses = 0
         for t in tasks:
             for m in metrics:
                 vals = [_metric(r, t, m) for r in runs]
                 delta = f" ({statistics.mean(vals) - base[(t, m)]:+.4f})" if base and name != "softmax" else ""
                 cells.append(_stat(vals) + delta)
+                if base and name != "softmax":
+                    ref = [_metric(r, t, m) for r in by["softmax"]]
+                    d = statistics.mean(vals) - base[(t, m)]
+                    noise = 2 * max(_sd(vals), _sd(ref))
+                    wins, losses = wins + (d > noise), losses + (d < -noise)
+        n = len(tasks) * len(metrics)
+        cells.append("-" if name == "softmax" or not base else
+                     f"loses {losses}, wins {wins} of {n}" + (": **loses**" if losses > wins else ""))
         cells.append(", ".join(str(r["best_epoch"]) for r in runs))
         rate = [r["rows_per_epoch"] * r["epochs"] / r["wall_s"] for r in runs]
         cells.append(f"{statistics.median(rate):,.0f}")
@@ -292,16 +306,175 @@ def _metric(row: dict[str, Any], task: str, metric: str) -> float:
     return float(got[metric] if isinstance(got, dict) else got)
 
 
+def routing_health(artifact: Path, features: Path) -> dict[str, Any]:
+    """Routing health of one trained model on the test split, scored in ``ranking.evaluate``'s chunks."""
+    import polars as pl
+    import torch
+
+    from ranking.artifact import load_artifact
+    from ranking.batch import FeatureTable
+    from ranking.evaluate import EVAL_BATCH
+    from ranking.gate_health import GateStats
+
+    model, cfg, _, _ = load_artifact(artifact)
+    table = FeatureTable(pl.read_parquet(features / "test.parquet"), cfg)
+    stats: GateStats | None = None
+    with torch.inference_mode():
+        for start in range(0, len(table), EVAL_BATCH):
+            b = table.batch(torch.arange(start, min(start + EVAL_BATCH, len(table))))
+            gates = model(b.sparse, b.dense, None).gates
+            if gates is None:
+                raise ValueError(f"{str(artifact)!r}: the model returns no gates")
+            stats = stats or GateStats.for_model(cfg, gates.shape[-1])
+            stats.update(gates, stats.ids_of(b.sparse))
+    assert stats is not None
+    h = stats.compute(model)
+    t = len(h.tasks)
+    out: dict[str, Any] = {
+        "load_cv": sum(h.load_cv) / t, "importance_cv": sum(h.importance_cv) / t,
+        "active_experts": sum(h.active_experts) / t, "dropped": max(h.dropped), "underserved": max(h.underserved),
+        "dead_fraction": h.dead_fraction, "entropy": sum(h.entropy) / t, "problems": h.problems(),
+        "experts": stats.num_experts,
+    }
+    if h.task_mi is not None:
+        out["mi_task_norm"] = h.task_mi.normalised
+        out["specialised_task"] = h.task_mi.specialised
+    for g, per_task in h.group_mi.items():
+        out[f"mi_{g}_norm"] = sum(d.normalised for d in per_task) / t
+        out[f"specialised_{g}"] = sum(d.specialised for d in per_task)  # tasks specialised on g
+    return out
+
+
+def health_rows(dataset: str, work: Path) -> list[dict[str, Any]]:
+    """:func:`routing_health` of every trained run of ``dataset``, cached in ``<work>/<dataset>_health.jsonl``."""
+    cache = work / f"{dataset}_health.jsonl"
+    have = {(r["strategy"], r["seed"]): r for r in done_rows(cache)}
+    for row in done_rows(work / f"{dataset}.jsonl"):
+        key = (row["strategy"], row["seed"])
+        if key in have or "artifact" not in row:
+            continue
+        got = {"strategy": row["strategy"], "seed": row["seed"],
+               **routing_health(Path(row["artifact"]), work / dataset / "features")}
+        with cache.open("a") as f:
+            f.write(json.dumps(got) + "\n")
+        have[key] = got
+    return list(have.values())
+
+
+def health_table(rows: list[dict[str, Any]]) -> str:
+    """Routing health on the test split, mean over seeds (specialisation: MI above chance over the
+    entropy of the expert choice; in brackets how many of the seeds' tasks are called specialised)."""
+    groups = [g for g in ("task", "category", "segment") if any(f"mi_{g}_norm" in r for r in rows)]
+    head = ["strategy", "experts", "active experts / row", "load CV", "importance CV", "dropped (worst task)",
+            "under-served", "dead experts", *[f"specialisation: {g}" for g in groups], "findings"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in STRATEGIES:
+        runs = [r for r in rows if r["strategy"] == name]
+        if not runs:
+            continue
+
+        def mean(key: str, rs: list[dict[str, Any]] = runs) -> float:
+            return statistics.mean(float(r[key]) for r in rs)
+
+        cells = [name, str(runs[0]["experts"]), f"{mean('active_experts'):.2f}", f"{mean('load_cv'):.3f}",
+                 f"{mean('importance_cv'):.3f}", f"{mean('dropped'):.2%}", f"{mean('underserved'):.2%}",
+                 f"{mean('dead_fraction'):.0%}"]
+        for g in groups:
+            flags = sum(int(r[f"specialised_{g}"]) for r in runs)
+            cells.append(f"{mean(f'mi_{g}_norm'):.3f} ({flags})")
+        found = sorted({p for r in runs for p in r["problems"]})
+        cells.append("; ".join(found) if found else "none")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+LOWERED_K = (1, 2, 4)  # experts per row served from models of the KuaiRand study (8 experts)
+
+
+def lowered_k_rows(work: Path) -> list[dict[str, Any]]:
+    """Test AUC / gAUC of the KuaiRand softmax and noisy top-k models served with fewer experts per
+    row (``--experts-k``), scored with the protocol's ``evaluate``; cached in ``<work>/kuairand_lowered_k.jsonl``."""
+    bench = _benchmark("kuairand")
+    cache = work / "kuairand_lowered_k.jsonl"
+    have = {(r["strategy"], r["seed"], r["k"]) for r in done_rows(cache)}
+    for row in done_rows(work / "kuairand.jsonl"):
+        if row["strategy"] not in ("softmax", "noisy_topk"):
+            continue
+        for k in LOWERED_K:
+            if (row["strategy"], row["seed"], k) in have:
+                continue
+            test = bench.protocol_scores(Path(row["artifact"]), work / "kuairand" / "features", "test", k)
+            with cache.open("a") as f:
+                f.write(json.dumps({"strategy": row["strategy"], "seed": row["seed"], "k": k, "test": test}) + "\n")
+    return done_rows(cache)
+
+
+def lowered_k_table(trained: list[dict[str, Any]], lowered: list[dict[str, Any]]) -> str:
+    tasks = TASKS["kuairand"]
+    head = ["trained as", "served k", *[f"{t} {m}" for t in tasks for m in ("auc", "gauc")]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in ("softmax", "noisy_topk"):
+        full = [r for r in trained if r["strategy"] == name]
+        if not full:
+            continue
+        e = 8 if name == "softmax" else 2
+        variants = [(f"{e} (as trained)", full)] + [
+            (str(k), [r for r in lowered if r["strategy"] == name and r["k"] == k]) for k in LOWERED_K if k < e]
+        base = {(t, m): statistics.mean(_metric(r, t, m) for r in full) for t in tasks for m in ("auc", "gauc")}
+        for label, runs in variants:
+            if not runs:
+                continue
+            cells = [name, label]
+            for t in tasks:
+                for m in ("auc", "gauc"):
+                    vals = [_metric(r, t, m) for r in runs]
+                    delta = "" if runs is full else f" ({statistics.mean(vals) - base[(t, m)]:+.4f})"
+                    cells.append(_stat(vals) + delta)
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(work: Path, out: Path) -> None:
     """Phase 2 (see the module docstring): the tables from the rows in ``work``, written to ``out``."""
+    import datetime as dt
+    import platform
+
     parts = ["# Routing study", "",
-             f"- work folder: `{work}`; rows: `<work>/kuairand.jsonl`, `<work>/census.jsonl`", ""]
+             "Which `gate.kind` to use (see the module docstring of `benchmarks/routing.py` for the strategies and",
+             "their settings). Written by", "",
+             "    .venv/bin/python benchmarks/routing.py --train --dataset kuairand --work W   # 18 runs",
+             "    .venv/bin/python benchmarks/routing.py --train --dataset census --work W     # 18 runs",
+             "    .venv/bin/python benchmarks/routing.py --serving --aoti --work W",
+             "    .venv/bin/python benchmarks/routing.py --report --work W", "",
+             f"- written {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, Python "
+             f"{platform.python_version()}; seeds 2022, 2023, 2024 per strategy;",
+             "- quality: KuaiRand with the peers' protocol (`benchmarks/kuairand.py`: MMoE of 8 experts of [128, 64],",
+             "  5 epochs, test AUC and gAUC at the best validation epoch, checked against the protocol's `evaluate`);",
+             "  census group 1 (`benchmarks/census.py`, 10 epochs, test AUC at the best validation epoch);",
+             "- verdict: metrics where the mean differs from softmax's by more than twice the larger seed",
+             "  standard deviation; a strategy that loses more than it wins is marked **loses**;",
+             "- samples/s: the whole run (start-up, validation and test included) at 1 torch thread, two",
+             "  studies sharing the 2 cores for part of the time: compare within a dataset only, roughly;",
+             "- expert choice routes within a group: a training batch, an evaluation chunk of 16,384 rows",
+             "  (`ranking.evaluate.EVAL_BATCH`) offline, one request at serving; its rows' weights sum to less",
+             "  than 1 by design (only the experts that took a row weigh it), hence 100% under-served;",
+             f"- work folder: `{work}`", ""]
     for dataset in ("kuairand", "census"):
         rows = done_rows(work / f"{dataset}.jsonl")
         if not rows:
             continue
         parts += [f"## {dataset}: test metrics at the best validation epoch (Δ: against softmax)", "",
-                  quality_table(dataset, rows), ""]
+                  quality_table(dataset, rows), "",
+                  f"### {dataset}: routing health on the test split (mean over seeds)", "",
+                  health_table(health_rows(dataset, work)), ""]
+    trained = done_rows(work / "kuairand.jsonl")
+    if trained:
+        parts += ["## KuaiRand: fewer experts at serving (`--experts-k`), no retraining (Δ: against as trained)", "",
+                  lowered_k_table(trained, lowered_k_rows(work)), ""]
+    cost = work / "serving_cost.json"
+    if cost.is_file():
+        parts += ["## Serving cost per candidate, in process (KuaiRand features, 16 experts of [512, 256])", "",
+                  serving_table(json.loads(cost.read_text())), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts) + "\n")
     print("\n".join(parts))

@@ -105,3 +105,24 @@ def test_the_package_name_follows_the_artifact(artifact: Path, tmp_path: Path) -
     fewer = InferenceModel(artifact)
     fewer.experts_k = 1  # fewer experts per row: another network, another package
     assert fewer._compile_key() != InferenceModel(artifact)._compile_key()
+
+
+def test_a_routed_model_with_large_experts_compiles_its_sparse_mixture(tmp_path: Path, cache: Path) -> None:
+    """16 experts of [512, 64] served at top-1 (``experts_k``): the exported network runs each expert
+    on its rows only, and AOTInductor compiles it; scores equal eager on several batch sizes."""
+    from ranking.config import GateConfig
+
+    raw = generate_day(SynthConfig(users=30, items=80, requests_per_day=20, slate_size=5), 0)
+    fitted = FittedTransform.fit(raw.lazy(), load_spec("synthetic"))
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_fitted(fitted, bottom_dims=(64,), expert_dims=(512, 64), tower_dims=(8,), num_experts=16,
+                                  gate=GateConfig("noisy_topk", top_k=2))
+    art = export_artifact(build_model(cfg), cfg, fitted, tmp_path / "artifact")
+    eager = InferenceModel(art, experts_k=1)
+    assert eager.scorer.mmoe is not None and eager.scorer.mmoe.sparse_when_exported
+    compiled = InferenceModel(art, compile=True, experts_k=1)
+    assert compiled.compiled
+    requests = [_probe(eager.fitted, n) for n in (1, 7, 40)]
+    for got, want in zip(compiled.score_requests(requests), eager.score_requests(requests), strict=True):
+        for task in eager.tasks:
+            np.testing.assert_allclose(got[task], want[task], atol=1e-5, rtol=0)
