@@ -143,7 +143,7 @@ def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
     return h.transpose(0, 1)  # (B, N, Do)
 
 
-def group_mixture(expert: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor,
+def group_mixture(expert: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor | None,
                   weights: torch.Tensor) -> torch.Tensor:
     """Each task's mixture of E experts, each expert run only on the rows it is routed: -> (B, T, De).
 
@@ -168,7 +168,8 @@ def group_mixture(expert: Callable[[int, torch.Tensor], torch.Tensor], x: torch.
 
     Args:
         expert: ``expert(e, rows)`` is expert ``e`` on ``rows`` (n, D) -> (n, De), row by row.
-        x: (B, D) the experts' common input.
+        x: (B, D) the experts' common input; ``None``: ``expert`` gets the (n,) indices of its rows
+            instead and gathers its input itself (the serving network's split first layer).
         weights: (B, T, E) mixture weights, zeros where a task does not use an expert.
 
     Returns:
@@ -189,7 +190,7 @@ def group_mixture(expert: Callable[[int, torch.Tensor], torch.Tensor], x: torch.
             groups = [(0, rows)]
     out: torch.Tensor | None = None
     for i, rows in groups:
-        y = expert(i, x.index_select(0, rows))  # (n_i, De)
+        y = expert(i, rows if x is None else x.index_select(0, rows))  # (n_i, De)
         part = weights[:, :, i].index_select(0, rows).unsqueeze(-1) * y.unsqueeze(1)  # (n_i, T, De)
         if out is None:
             out = part.new_zeros(b, t, y.shape[1])  # (B, T, De)

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from features.plan import EncodedBatch, ServingPlan
-from ranking.blocks import Expert, Tower, prefer_sparse, sparse_mixture, sparse_saves
+from ranking.blocks import Expert, Tower, group_mixture, prefer_sparse, sparse_mixture, sparse_saves
 from ranking.gating import (
     expert_choice_weights,
     hash_weights,
@@ -243,15 +243,44 @@ class MMoEHead(nn.Module):
     def dense(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: h (N, >= E * D1) the experts' first layer, g (N, T, E) -> (T, N)."""
         n, e = h.shape[0], self.n_experts
-        x = torch.relu(h[:, : e * self.d1]).view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
+        # ReLUs in place: every tensor here is this call's own (h too: the gates were read from it already)
+        x = h[:, : e * self.d1].relu_().view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
         for w, b in zip(self.expert_w, self.expert_b, strict=True):
-            x = torch.relu(torch.baddbmm(b, x, w))  # (E, N, Dout)
+            x = torch.baddbmm(b, x, w).relu_()  # (E, N, Dout)
         mixed = torch.bmm(g.to(x.dtype), x.transpose(0, 1)).transpose(0, 1)  # (N, T, E) @ (N, E, De) -> (T, N, De)
         return self.towers(mixed)
 
     def sparse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Each expert on its routed rows only: x (N, D) the experts' input, g (N, T, E) -> (T, N)."""
         return self.towers(sparse_mixture(self.layers, x, g).transpose(0, 1))  # (T, N, De)
+
+    def sparse_split(self, x_r: torch.Tensor | None, x_i: torch.Tensor | None, request_w: torch.Tensor,
+                     item_w: torch.Tensor, bias: torch.Tensor, owner: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`sparse` with the first layer split as ``SplitLinear``'s: -> (T, N).
+
+        An expert that runs computes its request part once per request (R rows, not its n
+        candidates), reading only its own weights.
+
+        Args:
+            x_r: (R, D_r) the requests' features; None when there are none. x_i: (N, D_i) likewise.
+            request_w, item_w: (E, D_r, D1) and (E, D_i, D1) each expert's first-layer weights of
+                the request and the candidate columns; bias: (E, 1, D1).
+            owner: (N,) request of each candidate; g: (N, T, E) the weights.
+        """
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            if x_r is not None:  # (R, D1) once per request, then each row's request
+                h = torch.addmm(bias[e], x_r, request_w[e]).index_select(0, owner.index_select(0, rows))
+                if x_i is not None:
+                    h = torch.addmm(h, x_i.index_select(0, rows), item_w[e])
+            else:
+                h = torch.addmm(bias[e], cast(torch.Tensor, x_i).index_select(0, rows), item_w[e])
+            h = torch.relu(h)  # (n, D1)
+            for w, b in zip(self.expert_w, self.expert_b, strict=True):
+                h = torch.relu(torch.addmm(b[e], h, w[e]))  # (n, Dout)
+            return h
+
+        return self.towers(group_mixture(expert, None, g).transpose(0, 1))  # (T, N, De)
 
     def towers(self, mixed: torch.Tensor) -> torch.Tensor:
         """(T, N, De) each task's mixture -> (T, N) logits."""
@@ -322,6 +351,9 @@ class FusedScorer(nn.Module):
 
     binary: torch.Tensor  # buffers, registered in __init__
     to_config: torch.Tensor
+    expert_item_w: torch.Tensor  # (E, D_i, D1), only for a routed MMoE without a bottom
+    expert_request_w: torch.Tensor  # (E, D_r, D1), likewise
+    expert_bias: torch.Tensor  # (E, 1, D1), likewise
     first: SplitLinear | None  # the bottom's first layer, split; None without a bottom
 
     def __init__(self, model: RankingModel, plan: ServingPlan) -> None:
@@ -367,6 +399,11 @@ class FusedScorer(nn.Module):
                 if self.mmoe.may_sparse:  # gates first, then the experts' first layer (dense) or the front (sparse)
                     self.gate_split = SplitLinear(self.mmoe.gate_weight, self.mmoe.gate_bias, req, item)
                     self.expert_split = SplitLinear(self.mmoe.expert_weight, self.mmoe.expert_bias, req, item)
+                    e, d1 = self.mmoe.n_experts, self.mmoe.d1  # (D, E * D1) -> (E, D, D1): one matrix per expert
+                    split = self.expert_split
+                    self.register_buffer("expert_item_w", split.w_i.view(-1, e, d1).transpose(0, 1).contiguous())
+                    self.register_buffer("expert_request_w", split.w_r.view(-1, e, d1).transpose(0, 1).contiguous())
+                    self.register_buffer("expert_bias", split.bias.view(e, 1, d1).clone())
             else:
                 self.after_bottom = None
         self.hash_at: tuple[str, int] | None = None  # (side, column of that side's ids) of hash routing's feature
@@ -492,6 +529,10 @@ class FusedScorer(nn.Module):
         gates = F.linear(x, mmoe.gate_weight, mmoe.gate_bias) if x is not None else self.gate_split(x_r, x_i, owner)
         g = mmoe.weights(gates, owner, n_requests, ids)  # (N, T, E)
         if mmoe.use_sparse(g):
-            return mmoe.sparse(x if x is not None else self._front(x_r, x_i, owner), g)
+            if x is not None:
+                return mmoe.sparse(x, g)
+            split = self.expert_split
+            return mmoe.sparse_split(x_r if split.has_request else None, x_i if split.has_item else None,
+                                     self.expert_request_w, self.expert_item_w, self.expert_bias, owner, g)
         h = F.linear(x, mmoe.expert_weight, mmoe.expert_bias) if x is not None else self.expert_split(x_r, x_i, owner)
         return mmoe.dense(h, g)

@@ -333,6 +333,18 @@ def test_inference_model_serving_path_equals_reference_path(
     assert ((click > 0) & (click < 1)).all() and click.std() > 1e-4  # probabilities, and not all alike
 
 
+def _count_sparse_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one per sparse mixture the fused head runs (on the bottom's output or
+    on the split front)."""
+    import ranking.fused as fused
+
+    calls: list[int] = []
+    for name in ("sparse_mixture", "group_mixture"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 ROUTED = [v for v in MODELS if v.startswith("mmoe_") and "gate" in MODELS[v] and MODELS[v]["gate"].kind != "softmax"]
 
 
@@ -350,10 +362,8 @@ def test_a_routed_head_scores_the_same_with_each_expert_on_its_rows_only(
     _, fitted, rows, requests = layout
     cfg = ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]})
     model = network(cfg, seed=13)
-    calls = []
-    real = fused.sparse_mixture
+    calls = _count_sparse_calls(monkeypatch)
     monkeypatch.setattr(fused, "prefer_sparse", lambda g, macs: sparse)
-    monkeypatch.setattr(fused, "sparse_mixture", lambda *a, **k: calls.append(1) or real(*a, **k))
     got, want = fused_and_reference(fitted, rows, requests, model)
     assert len(calls) == (1 if sparse else 0)
     assert want.std(dim=1).min().item() > 0.01
@@ -368,7 +378,6 @@ def test_large_experts_run_sparse_and_small_or_dense_pools_do_not(
 ) -> None:
     """16 experts of [1024, 64] at top-1: the cost rule picks the sparse mixture at load (for the
     exported network) and per call (eager); the dense softmax never, nor top-1 of the small pool."""
-    import ranking.fused as fused
 
     _, fitted, rows, requests = layout
     plan = ServingPlan.from_fitted(fitted)
@@ -382,9 +391,7 @@ def test_large_experts_run_sparse_and_small_or_dense_pools_do_not(
     head = scorer.mmoe
     assert head is not None and head.may_sparse and head.sparse_when_exported
     assert head.pairs_per_row == len(model.config.tasks) == 3  # top-1 per task: at most 3 of 16 experts a row
-    calls = []
-    real = fused.sparse_mixture
-    monkeypatch.setattr(fused, "sparse_mixture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_sparse_calls(monkeypatch)
     with torch.inference_mode():
         got = scorer(*scorer.inputs(plan.encode(requests)))
         small(*small.inputs(plan.encode(requests)))
