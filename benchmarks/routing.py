@@ -34,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -106,6 +107,7 @@ def train(dataset: str, work: Path, seeds: list[int], strategies: list[str], epo
 
 # ------------------------------------------------------------------------- serving cost
 LARGE: dict[str, Any] = {"num_experts": 16, "expert_dims": (512, 256)}  # experts large enough for routing to save time
+SERVING_K = (1, 2, 3, 4, 6, 8, 12, 16)  # experts per row served from the softmax model (above 8: the dense path)
 SERVING_KINDS: dict[str, GateConfig] = {  # the other strategies at their sparsest sensible setting
     "hash": GateConfig("hash"),
     "expert_choice k=1": GateConfig("expert_choice", top_k=1),
@@ -135,7 +137,7 @@ def test_requests(data: Path, spec: Any, n_candidates: int, count: int) -> list[
 
 def serving_cost(work: Path, threads: int, rounds: int, seconds: float, aoti: bool) -> list[dict[str, Any]]:
     """In-process µs per candidate of the KuaiRand model with 16 experts of [512, 256] (untrained
-    weights: the cost does not depend on them), softmax-trained and served at k = 1..16
+    weights: the cost does not depend on them), softmax-trained and served at k = 1, 2, 3, 4, 6, 8, 12, 16
     (``InferenceModel(experts_k=k)``, what ``ranker serve --experts-k`` does), and the other
     strategies; per batch of 1, 100 and 1,000 candidates (10 requests of 100), the forward alone
     and ``score_requests`` (encode + forward). Configurations are interleaved over ``rounds``;
@@ -165,7 +167,7 @@ def serving_cost(work: Path, threads: int, rounds: int, seconds: float, aoti: bo
         arts[name] = export_artifact(build_model(cfg), cfg, fitted, folder)
     e = int(LARGE["num_experts"])
     dense = f"softmax (dense, k={e})"
-    ks = {f"softmax k={k}" if k < e else dense: k for k in range(1, e + 1)}
+    ks = {f"softmax k={k}" if k < e else dense: k for k in SERVING_K}
     models: dict[str, InferenceModel] = {name: InferenceModel(arts["softmax"], experts_k=k % e)  # 0: as trained
                                          for name, k in ks.items()}
     for name in SERVING_KINDS:
@@ -233,9 +235,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "routing.md")
     ap.add_argument("--serving", action="store_true",
-                    help="measure the serving cost per candidate at k = 1..16 (needs the KuaiRand features of --train)")
+                    help="measure the serving cost per candidate at k in SERVING_K (needs --train's KuaiRand features)")
     ap.add_argument("--aoti", action="store_true", help="with --serving: also the compiled network at k = 1, 2, 4, 16")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.25, help="with --serving: timed seconds per figure and round")
     args = ap.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",")]
@@ -361,6 +363,29 @@ def health_rows(dataset: str, work: Path) -> list[dict[str, Any]]:
     return list(have.values())
 
 
+FINDINGS = {  # GateHealth.problems() lines by kind, for a short summary over seeds
+    "collapsed": re.compile(r"^router of task \S+ is collapsed"),
+    "near-dead experts": re.compile(r"of experts are near-dead"),
+    "dropped rows": re.compile(r"of rows get no expert"),
+    "polarized": re.compile(r"is polarized"),
+    "identical experts": re.compile(r"^experts are identical"),
+}
+
+
+def _findings(runs: list[dict[str, Any]]) -> str:
+    """``GateHealth.problems()`` of the seeds, counted: collapsed routers per (task, seed), else seeds."""
+    parts = []
+    for name, pattern in FINDINGS.items():
+        hits = [sum(bool(pattern.search(p)) for p in r["problems"]) for r in runs]
+        if not any(hits):
+            continue
+        if name == "collapsed":
+            parts.append(f"collapsed router in {sum(hits)} (task, seed) pairs")
+        else:
+            parts.append(f"{name} in {sum(h > 0 for h in hits)} of {len(runs)} seeds")
+    return "; ".join(parts) if parts else "none"
+
+
 def health_table(rows: list[dict[str, Any]]) -> str:
     """Routing health on the test split, mean over seeds (specialisation: MI above chance over the
     entropy of the expert choice; in brackets how many of the seeds' tasks are called specialised)."""
@@ -382,8 +407,7 @@ def health_table(rows: list[dict[str, Any]]) -> str:
         for g in groups:
             flags = sum(int(r[f"specialised_{g}"]) for r in runs)
             cells.append(f"{mean(f'mi_{g}_norm'):.3f} ({flags})")
-        found = sorted({p for r in runs for p in r["problems"]})
-        cells.append("; ".join(found) if found else "none")
+        cells.append(_findings(runs))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
