@@ -246,6 +246,9 @@ def train_cmd(
         help="mmoe, ple, omoe, shared_bottom or single_task.", show_default=TRAIN.model)] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML of training fields (+ model_config: {...}).", show_default="none")] = None,
+    recipe: Annotated[bool, typer.Option(
+        help="Without --config: start from the dataset's bundled training settings "
+             "(pipelines/configs/train/<dataset>.yaml: census, kuairand), printed at the start.")] = True,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Model config override key=value (repeatable; JSON values, checked against the field's type).",
         show_default="none")] = None,
@@ -275,7 +278,8 @@ def train_cmd(
 ) -> None:
     """Train a model, export the inference artifact, log to MLflow and register it.
 
-    Precedence: command-line options > --config file > defaults; --set overrides model_config.
+    Precedence: command-line options > --config file, or else the dataset's bundled recipe > defaults;
+    --set overrides model_config.
     """
     if promote and alias not in (None, "", "champion"):
         raise ValueError(f"--promote moves 'champion'; it cannot go with --alias {alias!r}")
@@ -291,11 +295,26 @@ def train_cmd(
     with reading("tracking store", store):
         uri = check_reachable(store)  # seconds, not MLflow's minutes of retries
     from pipelines.train import train
-    from pipelines.train_config import load_config_file, merge_overrides, parse_overrides
+    from pipelines.train_config import (
+        features_dataset,
+        load_config_file,
+        load_recipe,
+        merge_overrides,
+        parse_overrides,
+        recipe_path,
+    )
     from pipelines.train_config import model_overrides as typed_overrides
 
     with reading("config file", config) if config else nullcontext():
         fields, model_overrides = load_config_file(config) if config else ({}, {})
+    dataset = features_dataset(features) if config is None and recipe else None
+    bundled = recipe_path(dataset) if dataset else None
+    if bundled is not None:
+        fields, model_overrides = load_recipe(bundled, model or TRAIN.model)
+        shown = {**fields, "model_config": {k: list(v) if isinstance(v, tuple) else v
+                                            for k, v in model_overrides.items()}}
+        typer.echo(f"training settings: the bundled {dataset} recipe ({bundled.name}; --no-recipe or --config "
+                   f"to start from the defaults or a file): {json.dumps(shown)}")
     overrides = typed_overrides(parse_overrides(set_ or []), "--set")
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "accelerator": accelerator,
              "strategy": strategy, "devices": (int(devices) if devices and devices.isdigit() else devices),

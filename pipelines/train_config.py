@@ -213,3 +213,41 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     return train_section(data, f"training config {str(path)!r}")
+
+
+RECIPE_DIR = Path(__file__).parent / "configs" / "train"
+
+
+def recipe_path(dataset: str) -> Path | None:
+    """The bundled training recipe of a dataset (``pipelines/configs/train/<dataset>.yaml``), if it has one."""
+    path = RECIPE_DIR / f"{dataset}.yaml"
+    return path if path.is_file() else None
+
+
+def load_recipe(path: Path, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A bundled training recipe for ``model``: its training fields, and its ``models:`` entry for
+    the model as the model overrides (none for a model it has no entry for).
+
+    Returns ``(train_fields, model_overrides)``, typed by :func:`train_section`.
+
+    Example:
+        >>> fields, model = load_recipe(recipe_path("census"), "mmoe")
+        >>> fields["lr"], fields["monitor"], model["num_experts"]
+        (0.003, 'val/auc_mean', 8)
+    """
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    models = data.pop("models", None) or {}
+    if not isinstance(data, dict) or not isinstance(models, dict):
+        raise ValueError(f"training recipe {str(path)!r} must hold a mapping with a 'models:' mapping")
+    return train_section({**data, "model_config": models.get(model, {})}, f"training recipe {str(path)!r}")
+
+
+def features_dataset(features: Path) -> str | None:
+    """The dataset a features folder was built from (its ``summary.json``), None if it does not say."""
+    try:
+        name = json.loads((features / "summary.json").read_text()).get("dataset")
+    except (OSError, ValueError):
+        return None
+    return name if isinstance(name, str) else None
