@@ -11,22 +11,29 @@ from torch.nn import functional as F
 
 
 class MLP(nn.Sequential):
-    """Linear -> ReLU (-> Dropout) per width in ``dims``.
+    """Linear (-> BatchNorm) -> ReLU (-> Dropout) per width in ``dims``.
 
     Args:
         in_dim: input width.
         dims: output width of each layer; the last is the block's output width.
         dropout: dropout after each activation (0 = none).
+        norm: ``"batch"`` puts a ``BatchNorm1d`` between each linear layer and its activation (as
+            torch-rechub's MLP); in eval mode it is an affine map, which the serving network folds
+            into the linear layer (``ranking.fused``).
 
     Example:
         >>> MLP(8, (16, 4))(torch.zeros(2, 8)).shape
         torch.Size([2, 4])
+        >>> [type(m).__name__ for m in MLP(8, (4,), norm="batch")]
+        ['Linear', 'BatchNorm1d', 'ReLU']
     """
 
-    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0, norm: str = "none") -> None:
+        if norm not in ("none", "batch"):
+            raise ValueError(f"norm must be 'none' or 'batch', got {norm!r}")
         layers: list[nn.Module] = []
         for d in dims:
-            layers += [nn.Linear(in_dim, d), nn.ReLU()]
+            layers += [nn.Linear(in_dim, d), *([nn.BatchNorm1d(d)] if norm == "batch" else []), nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             in_dim = d
@@ -316,16 +323,16 @@ def sparse_mixture(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], x: torch
 
 
 class Tower(nn.Module):
-    """A task tower: MLP then a single output logit, (B, D) -> (B,).
+    """A task tower: MLP (``norm``: see :class:`MLP`) then a single output logit, (B, D) -> (B,).
 
     Example:
         >>> Tower(8, (4,))(torch.zeros(3, 8)).shape
         torch.Size([3])
     """
 
-    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0, norm: str = "none") -> None:
         super().__init__()
-        self.mlp = MLP(in_dim, dims, dropout)
+        self.mlp = MLP(in_dim, dims, dropout, norm)
         self.out = nn.Linear(self.mlp.out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,7 @@ class ModelConfig:
     load_balance_weight: float = 0.0  # > 0: model returns aux["load_balance"]; the trainer applies the weight
     expert_dims: tuple[int, ...] = (128, 64)
     tower_dims: tuple[int, ...] = (32,)
+    tower_norm: Literal["none", "batch"] = "none"  # "batch": BatchNorm1d after each tower layer (folded at serving)
     dropout: float = 0.0
     position_dropout: float = 0.1  # share of training rows whose position is hidden from the bias tower
 
@@ -213,6 +214,8 @@ class ModelConfig:
             raise ValueError("expert_dims must name at least one layer width")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.tower_norm not in ("none", "batch"):
+            raise ValueError(f"tower_norm must be 'none' or 'batch', got {self.tower_norm!r}")
 
     def _check_gate(self) -> None:
         g, limit = self.gate, self.experts_per_gate

@@ -148,13 +148,30 @@ class SplitLinear(nn.Module):
         return torch.addmm(self.bias, x_i, self.w_i)  # (N, Out)
 
 
+def _affine_layers(mlp: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An MLP's linear layers as (weight (Dout, Din), bias (Dout,)), each eval-mode ``BatchNorm1d``
+    that follows one folded in: ``gamma (W x + b - mean) / sqrt(var + eps) + beta``."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in mlp:
+        if isinstance(m, nn.Linear):
+            out.append((m.weight.detach(), m.bias.detach()))
+        elif isinstance(m, nn.BatchNorm1d):
+            if not out or m.running_mean is None or m.running_var is None:
+                raise ValueError("a BatchNorm1d with running statistics must follow a linear layer")
+            w, b = out[-1]
+            scale = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)  # (Dout,)
+            shift = m.bias.detach() if m.affine else 0.0
+            out[-1] = (w * scale.unsqueeze(1), (b - m.running_mean) * scale + shift)
+    return out
+
+
 def _stack_layers(mlps: Sequence[nn.Sequential]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """N same-shaped MLPs -> per layer (N, Din, Dout) weights and (N, 1, Dout) biases."""
-    layers = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in mlps]
+    """N same-shaped MLPs -> per layer (N, Din, Dout) weights and (N, 1, Dout) biases (batch norms folded)."""
+    layers = [_affine_layers(mlp) for mlp in mlps]
     weights, biases = [], []
     for depth in range(len(layers[0]) if layers else 0):
-        weights.append(torch.stack([ls[depth].weight.detach().t() for ls in layers]).contiguous())
-        biases.append(torch.stack([ls[depth].bias.detach() for ls in layers]).unsqueeze(1).contiguous())
+        weights.append(torch.stack([ls[depth][0].t() for ls in layers]).contiguous())
+        biases.append(torch.stack([ls[depth][1] for ls in layers]).unsqueeze(1).contiguous())
     return weights, biases
 
 

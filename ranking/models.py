@@ -108,7 +108,8 @@ class RankingModel(nn.Module):
         self.bottom = MLP(in_dim, config.bottom_dims if self.shared_bottom else (), config.dropout)
         self.build_mixing(config)
         self.towers = nn.ModuleDict(
-            {t: Tower(config.expert_dims[-1], config.tower_dims, config.dropout) for t in self.task_names}
+            {t: Tower(config.expert_dims[-1], config.tower_dims, config.dropout, config.tower_norm)
+             for t in self.task_names}
         )
         self.position_tower = (
             PositionBiasTower(config.position_buckets, config.position_dropout)

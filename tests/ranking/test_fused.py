@@ -88,10 +88,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "mmoe_shared_topk": {"gate": GateConfig("shared_topk", top_k=2), "num_experts": 4},
     "mmoe_shared_topk_no_bottom": {"gate": GateConfig("shared_topk", top_k=1, private_experts=2), "num_experts": 3,
                                    "bottom_dims": ()},
+    "mmoe_tower_batch_norm": {"tower_norm": "batch"},
+    "mmoe_tower_batch_norm_no_bottom_top_k": {"tower_norm": "batch", "bottom_dims": (),
+                                              "gate": GateConfig("noisy_topk", top_k=1), "num_experts": 4},
     "omoe": {"model": "omoe"},
     "omoe_top_p": {"model": "omoe", "gate": GateConfig("top_p", top_p=0.6)},
     "omoe_noisy_topk_no_bottom": {"model": "omoe", "gate": GateConfig("noisy_topk", top_k=2), "bottom_dims": ()},
     "ple": {"model": "ple", "ple_levels": 2, "num_task_experts": 1, "num_shared_experts": 2},
+    "ple_tower_batch_norm": {"model": "ple", "tower_norm": "batch"},
     "ple_cgc_no_bottom": {"model": "ple", "ple_levels": 1, "bottom_dims": ()},
     "shared_bottom": {"model": "shared_bottom"},
     "single_task": {"model": "single_task"},
@@ -191,6 +195,11 @@ def network(cfg: ModelConfig, seed: int) -> RankingModel:
                 p.normal_(0.0, 1.6 / p.shape[1] ** 0.5)
             else:
                 p.normal_(0.0, 0.2)
+        for name, buf in model.named_buffers():  # batch norms: running statistics as after training
+            if name.endswith("running_mean"):
+                buf.normal_(0.0, 0.5)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.3, 2.0)
     return model.eval()
 
 
