@@ -9,9 +9,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": torch.relu, "silu": F.silu}
+
+
+def activation_of(mlp: nn.Module) -> str:
+    """The activation an :class:`MLP` was built with (``"relu"`` for one without layers)."""
+    return "silu" if any(isinstance(m, nn.SiLU) for m in mlp.modules()) else "relu"
+
 
 class MLP(nn.Sequential):
-    """Linear (-> BatchNorm) -> ReLU (-> Dropout) per width in ``dims``.
+    """Linear (-> BatchNorm) -> activation (-> Dropout) per width in ``dims``.
 
     Args:
         in_dim: input width.
@@ -20,6 +27,8 @@ class MLP(nn.Sequential):
         norm: ``"batch"`` puts a ``BatchNorm1d`` between each linear layer and its activation (as
             torch-rechub's MLP); in eval mode it is an affine map, which the serving network folds
             into the linear layer (``ranking.fused``).
+        activation: ``"relu"`` or ``"silu"`` (Swish: no dead units, as HoME uses against experts
+            whose ReLUs are mostly zero).
 
     Example:
         >>> MLP(8, (16, 4))(torch.zeros(2, 8)).shape
@@ -28,12 +37,16 @@ class MLP(nn.Sequential):
         ['Linear', 'BatchNorm1d', 'ReLU']
     """
 
-    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0, norm: str = "none") -> None:
+    def __init__(self, in_dim: int, dims: Sequence[int], dropout: float = 0.0, norm: str = "none",
+                 activation: str = "relu") -> None:
         if norm not in ("none", "batch"):
             raise ValueError(f"norm must be 'none' or 'batch', got {norm!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         layers: list[nn.Module] = []
         for d in dims:
-            layers += [nn.Linear(in_dim, d), *([nn.BatchNorm1d(d)] if norm == "batch" else []), nn.ReLU()]
+            layers += [nn.Linear(in_dim, d), *([nn.BatchNorm1d(d)] if norm == "batch" else []),
+                       nn.SiLU() if activation == "silu" else nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             in_dim = d
@@ -59,14 +72,16 @@ class Experts(nn.ModuleList):
         dims: each expert's layer widths; the last is De.
         num_experts: E.
         dropout: dropout inside each expert.
+        activation: the experts' activation (:class:`MLP`).
 
     Example:
         >>> Experts(8, (16, 4), num_experts=3)(torch.zeros(2, 8)).shape
         torch.Size([2, 3, 4])
     """
 
-    def __init__(self, in_dim: int, dims: Sequence[int], num_experts: int, dropout: float = 0.0) -> None:
-        super().__init__(Expert(in_dim, dims, dropout) for _ in range(num_experts))
+    def __init__(self, in_dim: int, dims: Sequence[int], num_experts: int, dropout: float = 0.0,
+                 activation: str = "relu") -> None:
+        super().__init__(Expert(in_dim, dims, dropout, activation=activation) for _ in range(num_experts))
         self.out_dim = dims[-1] if dims else in_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +151,7 @@ def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
     if not layers or not layers[0]:
         return x.unsqueeze(1).expand(-1, n, -1)  # (B, N, D)
     p = next((m.p for m in mlps[0] if isinstance(m, nn.Dropout)), 0.0)
+    act = ACTIVATIONS[activation_of(mlps[0])]
     h = x
     for depth in range(len(layers[0])):
         w = torch.stack([ls[depth].weight for ls in layers])  # (N, Do, Di)
@@ -144,7 +160,7 @@ def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
             h = torch.addmm(bias.flatten(), x, w.flatten(0, 1).t()).view(b, n, -1).transpose(0, 1)  # (N, B, Do)
         else:
             h = torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))  # (N, B, Do)
-        h = torch.relu(h)
+        h = act(h)
         if p > 0:
             h = nn.functional.dropout(h, p, mlps[0].training)
     return h.transpose(0, 1)  # (B, N, Do)
@@ -280,11 +296,11 @@ def sparse_saves(rows: int, experts: int, pairs: float, runs: int, row_macs: int
 
 
 def sparse_mixture(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, weights: torch.Tensor,
-                   *, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+                   *, dropout: float = 0.0, training: bool = False, activation: str = "relu") -> torch.Tensor:
     """:func:`group_mixture` of stacked experts: each expert only on the rows routed to it -> (B, T, De).
 
     Equal to the dense ``einsum('bte,bed->btd', weights, experts(x))`` (up to float summation
-    order), where ``experts`` are the stacked MLPs of ``layers``: per layer ``x W_e + b_e``, ReLU,
+    order), where ``experts`` are the stacked MLPs of ``layers``: per layer ``x W_e + b_e``, the activation,
     dropout (as :class:`MLP` and :func:`run_stacked`; dropout acts only when ``training``).
 
     Args:
@@ -292,8 +308,9 @@ def sparse_mixture(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], x: torch
             ``ranking.fused._stack_layers``; no layers: each expert is the identity.
         x: (B, D) the experts' common input.
         weights: (B, T, E) gate weights, with zeros where a task does not use an expert.
-        dropout: dropout probability after each ReLU.
+        dropout: dropout probability after each activation.
         training: whether dropout acts.
+        activation: ``"relu"`` or ``"silu"``, as the experts were built.
 
     Returns:
         (B, T, De).
@@ -312,9 +329,11 @@ def sparse_mixture(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], x: torch
             raise ValueError(f"layer weights {tuple(w.shape)} and biases {tuple(bias.shape)} for {e} experts; "
                              "expected (E, Din, Dout) and (E, 1, Dout)")
 
+    act = ACTIVATIONS[activation]
+
     def expert(i: int, h: torch.Tensor) -> torch.Tensor:
         for w, bias in layers:
-            h = torch.relu(torch.addmm(bias[i], h, w[i]))  # (n, Dout)
+            h = act(torch.addmm(bias[i], h, w[i]))  # (n, Dout)
             if dropout > 0:
                 h = F.dropout(h, dropout, training)
         return h

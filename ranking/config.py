@@ -192,6 +192,7 @@ class ModelConfig:
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)  # every gate's kind, top-k, noise, dropout
     load_balance_weight: float = 0.0  # > 0: model returns aux["load_balance"]; the trainer applies the weight
     expert_dims: tuple[int, ...] = (128, 64)
+    expert_activation: Literal["relu", "silu"] = "relu"  # "silu": Swish experts, no dead units (HoME)
     tower_dims: tuple[int, ...] = (32,)
     tower_norm: Literal["none", "batch"] = "none"  # "batch": BatchNorm1d after each tower layer (folded at serving)
     dropout: float = 0.0
@@ -214,6 +215,8 @@ class ModelConfig:
             raise ValueError("expert_dims must name at least one layer width")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.expert_activation not in ("relu", "silu"):
+            raise ValueError(f"expert_activation must be 'relu' or 'silu', got {self.expert_activation!r}")
         if self.tower_norm not in ("none", "batch"):
             raise ValueError(f"tower_norm must be 'none' or 'batch', got {self.tower_norm!r}")
 

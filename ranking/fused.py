@@ -48,7 +48,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from features.plan import EncodedBatch, ServingPlan
-from ranking.blocks import Expert, Tower, group_mixture, prefer_sparse, sparse_mixture, sparse_saves
+from ranking.blocks import (
+    Expert,
+    Tower,
+    activation_of,
+    group_mixture,
+    prefer_sparse,
+    sparse_mixture,
+    sparse_saves,
+)
 from ranking.gating import (
     expert_choice_weights,
     hash_weights,
@@ -198,6 +206,7 @@ class MMoEHead(nn.Module):
         g0 = gates[0] if gates else None
         self.top_k = g0.top_k if g0 is not None and g0.top_k is not None and g0.top_k < g0.num_experts else None
         self.top_p = g0.top_p if g0 is not None else None
+        self.activation = activation_of(experts[0])  # the experts' ("relu" or "silu")
         w, b = _stack_layers(experts)  # layer 0: (E, D, D1)
         self.d1 = w[0].shape[2]
         self.expert_w = [x for x in w[1:]]  # (E, Din, Dout) per later layer
@@ -260,16 +269,21 @@ class MMoEHead(nn.Module):
     def dense(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: h (N, >= E * D1) the experts' first layer, g (N, T, E) -> (T, N)."""
         n, e = h.shape[0], self.n_experts
-        # ReLUs in place: every tensor here is this call's own (h too: the gates were read from it already)
-        x = h[:, : e * self.d1].relu_().view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
+        # activations in place: every tensor here is this call's own (h too: the gates were read from it already)
+        x = self._act_(h[:, : e * self.d1]).view(n, e, self.d1).transpose(0, 1)  # (E, N, D1)
         for w, b in zip(self.expert_w, self.expert_b, strict=True):
-            x = torch.baddbmm(b, x, w).relu_()  # (E, N, Dout)
+            x = self._act_(torch.baddbmm(b, x, w))  # (E, N, Dout)
         mixed = torch.bmm(g.to(x.dtype), x.transpose(0, 1)).transpose(0, 1)  # (N, T, E) @ (N, E, De) -> (T, N, De)
         return self.towers(mixed)
 
+    def _act_(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' activation, in place."""
+        return F.silu(x, inplace=True) if self.activation == "silu" else x.relu_()
+
     def sparse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Each expert on its routed rows only: x (N, D) the experts' input, g (N, T, E) -> (T, N)."""
-        return self.towers(sparse_mixture(self.layers, x, g).transpose(0, 1))  # (T, N, De)
+        mixed = sparse_mixture(self.layers, x, g, activation=self.activation)  # (N, T, De)
+        return self.towers(mixed.transpose(0, 1))
 
     def sparse_split(self, x_r: torch.Tensor | None, x_i: torch.Tensor | None, request_w: torch.Tensor,
                      item_w: torch.Tensor, bias: torch.Tensor, owner: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -292,9 +306,9 @@ class MMoEHead(nn.Module):
                     h = torch.addmm(h, x_i.index_select(0, rows), item_w[e])
             else:
                 h = torch.addmm(bias[e], cast(torch.Tensor, x_i).index_select(0, rows), item_w[e])
-            h = torch.relu(h)  # (n, D1)
+            h = self._act_(h)  # (n, D1)
             for w, b in zip(self.expert_w, self.expert_b, strict=True):
-                h = torch.relu(torch.addmm(b[e], h, w[e]))  # (n, Dout)
+                h = self._act_(torch.addmm(b[e], h, w[e]))  # (n, Dout)
             return h
 
         return self.towers(group_mixture(expert, None, g).transpose(0, 1))  # (T, N, De)

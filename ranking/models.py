@@ -301,7 +301,8 @@ class OMoE(RankingModel):
     """
 
     def build_mixing(self, config: ModelConfig) -> None:
-        self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout)
+        self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout,
+                               config.expert_activation)
         self.gate = Gate(self.width, config.num_experts, config.gate)
 
     def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
@@ -348,9 +349,9 @@ class ExtractionLevel(nn.Module):
         super().__init__()
         n_tasks, own, shared = len(config.tasks), config.num_task_experts, config.num_shared_experts
         self.task_experts = nn.ModuleList(
-            Experts(in_dim, config.expert_dims, own, config.dropout) for _ in range(n_tasks)
+            Experts(in_dim, config.expert_dims, own, config.dropout, config.expert_activation) for _ in range(n_tasks)
         )
-        self.shared_experts = Experts(in_dim, config.expert_dims, shared, config.dropout)
+        self.shared_experts = Experts(in_dim, config.expert_dims, shared, config.dropout, config.expert_activation)
         self.task_gates = nn.ModuleList(Gate(in_dim, own + shared, config.gate) for _ in range(n_tasks))
         self.shared_gate = Gate(in_dim, n_tasks * own + shared, config.gate) if shared_gate else None
 

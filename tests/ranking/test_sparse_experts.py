@@ -257,3 +257,22 @@ def test_compiles_with_aot_inductor(tmp_path: Path) -> None:
     for b in (0, 1, 30):
         x, weights = torch.randn(b, D), weights_of(zero_rows(top_k_logits(b, 2)) if b > 2 else top_k_logits(b, 1))
         torch.testing.assert_close(compiled(x, weights), dense_mixture(layers, x, weights), atol=1e-5, rtol=0)
+
+
+def test_swish_experts_are_the_same_network_stacked_sparse_and_one_by_one() -> None:
+    """``activation="silu"``: run_stacked, the sparse mixture of stacked layers and Experts.mix agree
+    with each expert module run on its own (Swish has no zero region, so a ReLU left anywhere shows)."""
+    from ranking.blocks import run_stacked
+    from ranking.fused import _stack_layers
+
+    torch.manual_seed(0)
+    experts = Experts(6, (8, 5), num_experts=4, activation="silu").eval()
+    x = torch.randn(30, 6)
+    one_by_one = torch.stack([m(x) for m in experts], dim=1)  # (B, E, De)
+    assert (one_by_one < 0).any()  # Swish goes below zero; ReLU would not
+    torch.testing.assert_close(run_stacked(list(experts), x), one_by_one)
+    w = torch.zeros(30, 2, 4).index_fill_(2, torch.tensor([1, 3]), 0.5)
+    want = torch.einsum("bte,bed->btd", w, one_by_one)
+    torch.testing.assert_close(experts.mix(x, w, sparse=True), want)
+    weights, biases = _stack_layers(list(experts))
+    torch.testing.assert_close(sparse_mixture(list(zip(weights, biases, strict=True)), x, w, activation="silu"), want)
