@@ -42,59 +42,23 @@ OPTIONS: dict[str, dict[str, Any]] = {
 TASKS = {"kuairand": ("is_click", "long_view", "is_like"), "census": ("income", "never_married")}
 
 
-def _benchmark(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"quality_{name}", HERE / f"{name}.py")
+def _routing() -> ModuleType:
+    """``benchmarks/routing.py``, whose protocol runner (``train_grid``) and verdict this ablation shares."""
+    spec = importlib.util.spec_from_file_location("quality_routing", HERE / "routing.py")
     if spec is None or spec.loader is None:
-        raise ValueError(f"benchmark {name!r} not found in {str(HERE)!r}")
+        raise ValueError(f"benchmarks/routing.py not found in {str(HERE)!r}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def done_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+STUDY = _routing()
 
 
 def train(dataset: str, work: Path, seeds: list[int], options: list[str], threads: int) -> None:
     """Every option x seed of one dataset through its protocol; rows appended to ``<work>/<dataset>.jsonl``."""
-    from features.build import build
-    from features.datasets import scan_dataset
-    from features.spec import load_spec
-
-    bench = _benchmark(dataset)
-    data = bench.SHARED / "data" / ("kuairand_pure_subset" if dataset == "kuairand" else "census_income_kdd")
-    root = work / dataset
-    features = root / "features"
-    if not (features / "transform.json").is_file():
-        build(scan_dataset(dataset, data), load_spec(dataset), features)
-    out = work / f"{dataset}.jsonl"
-    have = {(r["option"], r["seed"]) for r in done_rows(out)}
-    for name in options:
-        for seed in seeds:
-            if (name, seed) in have:
-                continue
-            overrides = OPTIONS[name]
-            if dataset == "kuairand":
-                row = bench.run_ours(root, features, "mmoe", seed, 5, threads, overrides, f"_{name}")
-            else:
-                import torch
-
-                torch.set_num_threads(threads)
-                row = bench.run_ours(root, features, "mmoe", seed, 10, overrides, f"_{name}")
-            row.update(option=name, dataset=dataset, overrides=overrides)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("dataset", "option", "seed", "best_epoch", "wall_s")}), flush=True)
-
-
-def _metric(row: dict[str, Any], task: str, metric: str) -> float:
-    got = row["test"][task]
-    return float(got[metric] if isinstance(got, dict) else got)
-
-
-def _sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+    STUDY.train_grid(dataset, work, seeds, {name: OPTIONS[name] for name in options}, "option", None, threads)
 
 
 def table(dataset: str, rows: list[dict[str, Any]]) -> str:
@@ -112,13 +76,11 @@ def table(dataset: str, rows: list[dict[str, Any]]) -> str:
         wins = losses = 0
         for t in tasks:
             for m in metrics:
-                vals = [_metric(r, t, m) for r in runs]
-                cell = f"{statistics.mean(vals):.4f} ± {_sd(vals):.4f}"
+                vals = [STUDY._metric(r, t, m) for r in runs]
+                cell = STUDY._stat(vals)
                 if base and name != "baseline":
-                    ref = [_metric(r, t, m) for r in base]
-                    d = statistics.mean(vals) - statistics.mean(ref)
-                    noise = 2 * max(_sd(vals), _sd(ref))
-                    wins, losses = wins + (d > noise), losses + (d < -noise)
+                    d, sign = STUDY.verdict(vals, [STUDY._metric(r, t, m) for r in base])
+                    wins, losses = wins + (sign > 0), losses + (sign < 0)
                     cell += f" ({d:+.4f})"
                 cells.append(cell)
         n = len(tasks) * len(metrics)
@@ -144,7 +106,7 @@ def report(work: Path, out: Path) -> None:
              "- verdict: metrics where the mean differs from the baseline's by more than twice the larger seed sd;",
              f"- options: `{json.dumps(OPTIONS)}`", ""]
     for dataset in ("kuairand", "census"):
-        rows = done_rows(work / f"{dataset}.jsonl")
+        rows = STUDY.done_rows(work / f"{dataset}.jsonl")
         if rows:
             seeds = sorted({r["seed"] for r in rows})
             parts += [f"## {dataset} (seeds {', '.join(map(str, seeds))})", "", table(dataset, rows), ""]

@@ -72,6 +72,15 @@ def done_rows(path: Path) -> list[dict[str, Any]]:
 def train(dataset: str, work: Path, seeds: list[int], strategies: list[str], epochs: int | None,
           threads: int) -> None:
     """Every strategy x seed of one dataset through its protocol; rows appended to ``<work>/<dataset>.jsonl``."""
+    grid = {name: {"gate": STRATEGIES[name]} for name in strategies}
+    train_grid(dataset, work, seeds, grid, "strategy", epochs, threads)
+
+
+def train_grid(dataset: str, work: Path, seeds: list[int], grid: dict[str, dict[str, Any]], key: str,
+               epochs: int | None, threads: int) -> None:
+    """Each named set of MMoE overrides x seed through the dataset's protocol (``run_ours``), skipping
+    the (name, seed) pairs already in ``<work>/<dataset>.jsonl`` and appending a row per run, with the
+    name under ``key`` (this study's ``strategy``, the quality ablation's ``option``)."""
     from features.build import build
     from features.datasets import scan_dataset
     from features.spec import load_spec
@@ -83,26 +92,33 @@ def train(dataset: str, work: Path, seeds: list[int], strategies: list[str], epo
     if not (features / "transform.json").is_file():
         build(scan_dataset(dataset, data), load_spec(dataset), features)
     out = work / f"{dataset}.jsonl"
-    have = {(r["strategy"], r["seed"]) for r in done_rows(out)}
-    for name in strategies:
+    have = {(r[key], r["seed"]) for r in done_rows(out)}
+    n_epochs = epochs or (5 if dataset == "kuairand" else 10)  # the protocols' epochs
+    for name, overrides in grid.items():
         for seed in seeds:
             if (name, seed) in have:
                 continue
-            gate = STRATEGIES[name]
             if dataset == "kuairand":
-                row = bench.run_ours(root, features, "mmoe", seed, epochs or 5, threads, {"gate": gate}, f"_{name}")
-                rows_per_epoch = 154_071
+                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, threads, overrides, f"_{name}")
             else:
                 import torch
 
                 torch.set_num_threads(threads)
-                row = bench.run_ours(root, features, "mmoe", seed, epochs or 10, {"gate": gate}, f"_{name}")
-                rows_per_epoch = bench.TRAIN_ROWS
-            row.update(strategy=name, dataset=dataset, epochs=epochs or (5 if dataset == "kuairand" else 10),
-                       rows_per_epoch=rows_per_epoch, gate=gate.__dict__)
+                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, overrides, f"_{name}")
+            row.update({key: name}, dataset=dataset, epochs=n_epochs,
+                       rows_per_epoch=154_071 if dataset == "kuairand" else bench.TRAIN_ROWS,
+                       overrides={k: v.__dict__ if isinstance(v, GateConfig) else v for k, v in overrides.items()})
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("dataset", "strategy", "seed", "best_epoch", "wall_s")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("dataset", key, "seed", "best_epoch", "wall_s")}), flush=True)
+
+
+def verdict(values: list[float], reference: list[float]) -> tuple[float, int]:
+    """(mean difference, +1 win / -1 loss / 0) of ``values`` against ``reference``: a win or loss when
+    the means differ by more than twice the larger of the two seed standard deviations."""
+    d = statistics.mean(values) - statistics.mean(reference)
+    noise = 2 * max(_sd(values), _sd(reference))
+    return d, (d > noise) - (d < -noise)
 
 
 # ------------------------------------------------------------------------- serving cost
@@ -289,10 +305,8 @@ def quality_table(dataset: str, rows: list[dict[str, Any]]) -> str:
                 delta = f" ({statistics.mean(vals) - base[(t, m)]:+.4f})" if base and name != "softmax" else ""
                 cells.append(_stat(vals) + delta)
                 if base and name != "softmax":
-                    ref = [_metric(r, t, m) for r in by["softmax"]]
-                    d = statistics.mean(vals) - base[(t, m)]
-                    noise = 2 * max(_sd(vals), _sd(ref))
-                    wins, losses = wins + (d > noise), losses + (d < -noise)
+                    _, sign = verdict(vals, [_metric(r, t, m) for r in by["softmax"]])
+                    wins, losses = wins + (sign > 0), losses + (sign < 0)
         n = len(tasks) * len(metrics)
         cells.append("-" if name == "softmax" or not base else
                      f"loses {losses}, wins {wins} of {n}" + (": **loses**" if losses > wins else ""))
@@ -482,7 +496,7 @@ def report(work: Path, out: Path) -> None:
              "- expert choice routes within a group: a training batch, an evaluation chunk of 16,384 rows",
              "  (`ranking.evaluate.EVAL_BATCH`) offline, one request at serving; its rows' weights sum to less",
              "  than 1 by design (only the experts that took a row weigh it), hence 100% under-served;",
-             f"- work folder: `{work}`", ""]
+             f"- work folder of this run: `{work}` (W above)", ""]
     for dataset in ("kuairand", "census"):
         rows = done_rows(work / f"{dataset}.jsonl")
         if not rows:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -14,6 +20,34 @@ from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.pipeline import PipelineResult, run_pipeline
 
 DAY7, DAY8 = date(2026, 1, 7), date(2026, 1, 8)
+RANKER = str(Path(sys.executable).parent / "ranker")  # the installed command
+
+
+def run_ranker(*args: str, env: dict[str, str], cwd: Path, timeout_s: float = 600) -> str:
+    """``ranker ARGS`` as a process; its stdout, or a failed assertion with both streams."""
+    r = subprocess.run([RANKER, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+    assert r.returncode == 0, f"ranker {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@contextlib.contextmanager
+def ranker_serve(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[str]:
+    """``ranker serve ARGS --port 0`` as a process; yields its ``host:port`` once ready, then stops it
+    with SIGTERM and checks it exited cleanly."""
+    ready = cwd / f"port-{time.monotonic_ns()}"
+    server = subprocess.Popen([RANKER, "serve", *args, "--port", "0", "--ready-file", str(ready)], env=env, cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ready.is_file() and ready.read_text().strip()):
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{ready.read_text().strip()}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    assert code == 0, f"server did not stop cleanly on SIGTERM: {server.stdout.read() if server.stdout else ''}"
 
 
 def write_config(root: Path, **changes: Any) -> Path:

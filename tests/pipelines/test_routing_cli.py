@@ -4,10 +4,6 @@ config's ``train.model_config.gate``, and ``ranker serve --experts-k`` on the re
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +12,8 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from ranking.inference import InferenceModel
-from tests.pipelines.conftest import write_config
+from tests.pipelines.conftest import ranker_serve, run_ranker, write_config
 
-RANKER = str(Path(sys.executable).parent / "ranker")
 SMALL = ["--set", "bottom_dims=[32]", "--set", "expert_dims=[16]", "--set", "tower_dims=[8]", "--set", "num_experts=4"]
 
 
@@ -61,12 +56,6 @@ def _probe_requests(model: InferenceModel) -> list[tuple[dict, dict, dict]]:
     return [_probe(model.fitted, 4), _probe(model.fitted, 3)]
 
 
-def _run(*args: str, env: dict[str, str], cwd: Path) -> str:
-    r = subprocess.run([RANKER, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"ranker {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
-
-
 @pytest.mark.e2e
 def test_a_pipeline_trains_a_routed_model_and_ranker_serve_lowers_its_k(tmp_path: Path) -> None:
     """``ranker pipeline run`` with a task-shared selection in its config registers a model whose
@@ -75,26 +64,11 @@ def test_a_pipeline_trains_a_routed_model_and_ranker_serve_lowers_its_k(tmp_path
     config = write_config(tmp_path, train={"epochs": 1, "batch_size": 256, "model_config": {
         "bottom_dims": [32], "expert_dims": [16], "tower_dims": [8], "num_experts": 4, "gate": gate}})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
-    out = _run("pipeline", "run", "--config", str(config), env=env, cwd=tmp_path)
+    out = run_ranker("pipeline", "run", "--config", str(config), env=env, cwd=tmp_path)
     assert "version 1; promoted: yes" in out, out
-    ready = tmp_path / "port"
-    server = subprocess.Popen([RANKER, "serve", "--model", "models:/ranker@champion", "--port", "0",
-                               "--experts-k", "1", "--ready-file", str(ready)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (ready.is_file() and ready.read_text().strip()):
-            assert server.poll() is None, server.stdout.read() if server.stdout else ""
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-        log = next((tmp_path / "landing").rglob("*.parquet"))
-        table = _run("rank", "--target", f"127.0.0.1:{ready.read_text().strip()}", "--log", str(log),
-                     "--top-k", "5", env=env, cwd=tmp_path)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
-        served_log = server.stdout.read() if server.stdout else ""
-    assert code == 0, served_log
+    log = next((tmp_path / "landing").rglob("*.parquet"))
+    with ranker_serve(["--model", "models:/ranker@champion", "--experts-k", "1"], env, tmp_path) as target:
+        table = run_ranker("rank", "--target", target, "--log", str(log), "--top-k", "5", env=env, cwd=tmp_path)
     rows = [ln for ln in table.splitlines() if re.match(r"\s*\d+\s", ln)]
     scores = [float(ln.split()[2]) for ln in rows]
     assert len(rows) == 5 and scores == sorted(scores, reverse=True)
