@@ -104,12 +104,19 @@ def report(work: Path, out: Path) -> None:
              f"- written {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores; "
              "test metrics at the best validation epoch, mean ± sd over seeds;",
              "- verdict: metrics where the mean differs from the baseline's by more than twice the larger seed sd;",
+             "- wall s / run: whole runs, some with other jobs on the 2 cores: not a cost comparison;",
              f"- options: `{json.dumps(OPTIONS)}`", ""]
     for dataset in ("kuairand", "census"):
         rows = STUDY.done_rows(work / f"{dataset}.jsonl")
         if rows:
             seeds = sorted({r["seed"] for r in rows})
             parts += [f"## {dataset} (seeds {', '.join(map(str, seeds))})", "", table(dataset, rows), ""]
+            copied: dict[tuple[str, str], list[int]] = {}
+            for r in rows:
+                if "copied_from" in r:
+                    copied.setdefault((r["option"], r["copied_from"]), []).append(r["seed"])
+            for (option, source), got in sorted(copied.items()):
+                parts += [f"{option}, seeds {', '.join(map(str, sorted(got)))}: rows of {source}.", ""]
     out.write_text("\n".join(parts) + "\n")
     print("\n".join(parts))
 
