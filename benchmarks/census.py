@@ -10,7 +10,9 @@ recipe are ours (``MODELS``, ``RECIPE``), printed with the results.
 
 Our runs go through ``pipelines.train.train`` (Lightning, MLflow experiment ``census-replication``
 in ``<work>/mlflow.db``, ``monitor="val/auc_mean"``). ``--peers`` runs ``shared/peers/run_all.sh``
-(``WORK=/tmp/peers``: its venv and prepared data are reused) and prints its rows beside ours.
+(``WORK=/tmp/peers``: its venv and prepared data are reused) and prints its rows beside ours;
+``--throughput`` builds that environment first when it is missing (:func:`ensure_peers`, about a
+minute).
 
 ``--throughput`` measures training samples/s at batch 1024 over the training passes only
 (no evaluation, no loading; the protocol's definition) and CPU µs/sample, for our MMoE in the
@@ -200,8 +202,20 @@ def bare_throughput(features: Path, epochs: int, fused: bool, seed: int = 2022) 
     return _rate(wall, cpu, len(data.tables["train"]), how)
 
 
+def ensure_peers(peers_work: Path) -> None:
+    """The peers' environment under ``peers_work`` (venv, prepared split), built by ``run_all.sh``
+    itself when missing: with ``MODELS=" "`` it sets up and trains nothing (its model loop is over
+    the words of ``MODELS``)."""
+    if (peers_work / "venv" / "bin" / "python").is_file() and (peers_work / "prepared" / "meta.json").is_file():
+        return
+    print(f"building the peers' environment in {peers_work} (shared/peers/run_all.sh, once)", flush=True)
+    subprocess.run([str(PEERS / "run_all.sh")], env={**os.environ, "WORK": str(peers_work), "MODELS": " "},
+                   check=True)
+
+
 def deepctr_throughput(peers_work: Path, epochs: int, threads: int) -> dict[str, Any]:
     """deepctr-torch MMOE, the protocol's command, in a subprocess; its JSON (train passes only)."""
+    ensure_peers(peers_work)
     out = peers_work / "results_tp"
     cmd = [str(peers_work / "venv" / "bin" / "python"), str(PEERS / "run_deepctr_torch.py"), "--model", "MMOE",
            "--epochs", str(epochs), "--batch_size", "1024", "--seed", "2022", "--threads", str(threads),
