@@ -14,7 +14,10 @@ Options so far:
 - ``tower_bn``: batch-normalised towers (``tower_norm: batch``), the shape of the peer row
   (torch-rechub SharedBottom) that beats us on KuaiRand click and long-view AUC;
 - ``swish``: Swish experts (``expert_activation: silu``) against dead ReLU units (HoME);
-- ``tower_bn+swish``: both.
+- ``tower_bn+swish``: both;
+- ``bottom_256``: a 256-wide shared bottom under the experts (census's recipe has one already, so
+  there it changes nothing and is not run);
+- ``dropout_0.1``: dropout 0.1 in the bottom, experts and towers.
 
     .venv/bin/python benchmarks/quality.py --train --dataset kuairand --work W [--options baseline,tower_bn]
     .venv/bin/python benchmarks/quality.py --train --dataset census --work W --seeds 2022,2023,2024,2025,2026
@@ -38,6 +41,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "tower_bn": {"tower_norm": "batch"},
     "swish": {"expert_activation": "silu"},
     "tower_bn+swish": {"tower_norm": "batch", "expert_activation": "silu"},
+    "bottom_256": {"bottom_dims": (256,)},  # a shared bottom under the experts (KuaiRand's recipe has none)
+    "dropout_0.1": {"dropout": 0.1},
 }
 TASKS = {"kuairand": ("is_click", "long_view", "is_like"), "census": ("income", "never_married")}
 
