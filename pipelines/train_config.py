@@ -238,8 +238,8 @@ def load_recipe(path: Path, model: str) -> tuple[dict[str, Any], dict[str, Any]]
     import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
-    models = data.pop("models", None) or {}
-    if not isinstance(data, dict) or not isinstance(models, dict):
+    models = (data.pop("models", None) or {}) if isinstance(data, dict) else None
+    if not isinstance(models, dict):
         raise ValueError(f"training recipe {str(path)!r} must hold a mapping with a 'models:' mapping")
     return train_section({**data, "model_config": models.get(model, {})}, f"training recipe {str(path)!r}")
 

@@ -12,11 +12,6 @@ from torch.nn import functional as F
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": torch.relu, "silu": F.silu}
 
 
-def activation_of(mlp: nn.Module) -> str:
-    """The activation an :class:`MLP` was built with (``"relu"`` for one without layers)."""
-    return "silu" if any(isinstance(m, nn.SiLU) for m in mlp.modules()) else "relu"
-
-
 class MLP(nn.Sequential):
     """Linear (-> BatchNorm) -> activation (-> Dropout) per width in ``dims``.
 
@@ -52,6 +47,7 @@ class MLP(nn.Sequential):
             in_dim = d
         super().__init__(*layers)
         self.out_dim = in_dim
+        self.activation = activation
 
 
 class Expert(MLP):
@@ -151,7 +147,7 @@ def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
     if not layers or not layers[0]:
         return x.unsqueeze(1).expand(-1, n, -1)  # (B, N, D)
     p = next((m.p for m in mlps[0] if isinstance(m, nn.Dropout)), 0.0)
-    act = ACTIVATIONS[activation_of(mlps[0])]
+    act = ACTIVATIONS[mlps[0].activation]
     h = x
     for depth in range(len(layers[0])):
         w = torch.stack([ls[depth].weight for ls in layers])  # (N, Do, Di)

@@ -51,7 +51,6 @@ from features.plan import EncodedBatch, ServingPlan
 from ranking.blocks import (
     Expert,
     Tower,
-    activation_of,
     group_mixture,
     prefer_sparse,
     sparse_mixture,
@@ -206,7 +205,7 @@ class MMoEHead(nn.Module):
         g0 = gates[0] if gates else None
         self.top_k = g0.top_k if g0 is not None and g0.top_k is not None and g0.top_k < g0.num_experts else None
         self.top_p = g0.top_p if g0 is not None else None
-        self.activation = activation_of(experts[0])  # the experts' ("relu" or "silu")
+        self.activation = experts[0].activation  # the experts' ("relu" or "silu")
         w, b = _stack_layers(experts)  # layer 0: (E, D, D1)
         self.d1 = w[0].shape[2]
         self.expert_w = [x for x in w[1:]]  # (E, Din, Dout) per later layer
@@ -220,7 +219,9 @@ class MMoEHead(nn.Module):
         cut = len(experts) * self.d1  # first's rows: the experts' first layer, then the gates
         self.expert_weight, self.expert_bias = first_w[:cut].contiguous(), first_b[:cut].contiguous()
         self.gate_weight, self.gate_bias = first_w[cut:].contiguous(), first_b[cut:].contiguous()
-        self.layers = list(zip(w, b, strict=True))  # every expert layer, (E, Din, Dout) and (E, 1, Dout)
+        # every expert layer as (E, Din, Dout) and (E, 1, Dout), the first a view of expert_weight (no copy)
+        first = self.expert_weight.view(self.n_experts, self.d1, -1).transpose(1, 2)  # (E, D, D1)
+        self.layers = [(first, b[0]), *zip(self.expert_w, self.expert_b, strict=True)]
         self.row_macs = sum(int(x.shape[1] * x.shape[2]) for x in w)  # one expert on one row
         self.pairs_per_row = self._expected_pairs()
         # a routed mixture's weights have zeros, so some experts may be skipped on some rows
@@ -285,30 +286,32 @@ class MMoEHead(nn.Module):
         mixed = sparse_mixture(self.layers, x, g, activation=self.activation)  # (N, T, De)
         return self.towers(mixed.transpose(0, 1))
 
-    def sparse_split(self, x_r: torch.Tensor | None, x_i: torch.Tensor | None, request_w: torch.Tensor,
-                     item_w: torch.Tensor, bias: torch.Tensor, owner: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """:meth:`sparse` with the first layer split as ``SplitLinear``'s: -> (T, N).
+    def sparse_split(self, x_r: torch.Tensor, x_i: torch.Tensor, split: SplitLinear, owner: torch.Tensor,
+                     g: torch.Tensor) -> torch.Tensor:
+        """:meth:`sparse` with the first layer split by ``split`` (the experts' first layer): -> (T, N).
 
         An expert that runs computes its request part once per request (R rows, not its n
-        candidates), reading only its own weights.
+        candidates), reading only its own columns of ``split``'s weights.
 
         Args:
-            x_r: (R, D_r) the requests' features; None when there are none. x_i: (N, D_i) likewise.
-            request_w, item_w: (E, D_r, D1) and (E, D_i, D1) each expert's first-layer weights of
-                the request and the candidate columns; bias: (E, 1, D1).
+            x_r: (R, D_r) the requests' features; x_i: (N, D_i) the candidates'.
+            split: the experts' first layer, ``W`` of (E * D1) outputs split by side.
             owner: (N,) request of each candidate; g: (N, T, E) the weights.
         """
+        e, d1 = self.n_experts, self.d1
+        request_w, item_w = split.w_r.view(-1, e, d1), split.w_i.view(-1, e, d1)  # (D_side, E, D1) views
+        bias = split.bias.view(e, d1)
 
-        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-            if x_r is not None:  # (R, D1) once per request, then each row's request
-                h = torch.addmm(bias[e], x_r, request_w[e]).index_select(0, owner.index_select(0, rows))
-                if x_i is not None:
-                    h = torch.addmm(h, x_i.index_select(0, rows), item_w[e])
+        def expert(i: int, rows: torch.Tensor) -> torch.Tensor:
+            if split.has_request:  # (R, D1) once per request, then each row's request
+                h = torch.addmm(bias[i], x_r, request_w[:, i]).index_select(0, owner.index_select(0, rows))
+                if split.has_item:
+                    h = torch.addmm(h, x_i.index_select(0, rows), item_w[:, i])
             else:
-                h = torch.addmm(bias[e], cast(torch.Tensor, x_i).index_select(0, rows), item_w[e])
+                h = torch.addmm(bias[i], x_i.index_select(0, rows), item_w[:, i])
             h = self._act_(h)  # (n, D1)
             for w, b in zip(self.expert_w, self.expert_b, strict=True):
-                h = self._act_(torch.addmm(b[e], h, w[e]))  # (n, Dout)
+                h = self._act_(torch.addmm(b[i], h, w[i]))  # (n, Dout)
             return h
 
         return self.towers(group_mixture(expert, None, g).transpose(0, 1))  # (T, N, De)
@@ -382,9 +385,6 @@ class FusedScorer(nn.Module):
 
     binary: torch.Tensor  # buffers, registered in __init__
     to_config: torch.Tensor
-    expert_item_w: torch.Tensor  # (E, D_i, D1), only for a routed MMoE without a bottom
-    expert_request_w: torch.Tensor  # (E, D_r, D1), likewise
-    expert_bias: torch.Tensor  # (E, 1, D1), likewise
     first: SplitLinear | None  # the bottom's first layer, split; None without a bottom
 
     def __init__(self, model: RankingModel, plan: ServingPlan) -> None:
@@ -416,27 +416,21 @@ class FusedScorer(nn.Module):
         self.width = at
         linears = [m for m in model.bottom if isinstance(m, nn.Linear)]
         self.mmoe = MMoEHead(model) if isinstance(model, MMoE) else None
+        self.after_bottom: SplitLinear | None = None  # the dense MMoE's first layer without a bottom
         if linears:  # the bottom's first layer takes the split; the rest runs per candidate
             self.first = SplitLinear(linears[0].weight, linears[0].bias, sides["request"].columns,
                                      sides["item"].columns)
             self.bottom_rest = nn.Sequential(*list(model.bottom)[1:])
-            self.after_bottom: SplitLinear | None = None
         else:
             self.bottom_rest = nn.Sequential()
             self.first = None
             if self.mmoe is not None:  # no bottom: experts' first layer and gates take the split
                 req, item = sides["request"].columns, sides["item"].columns
-                self.after_bottom = SplitLinear(self.mmoe.first_weight, self.mmoe.first_bias, req, item)
-                if self.mmoe.may_sparse:  # gates first, then the experts' first layer (dense) or the front (sparse)
+                if self.mmoe.may_sparse:  # gates first, then the experts' first layer, all rows or routed ones
                     self.gate_split = SplitLinear(self.mmoe.gate_weight, self.mmoe.gate_bias, req, item)
                     self.expert_split = SplitLinear(self.mmoe.expert_weight, self.mmoe.expert_bias, req, item)
-                    e, d1 = self.mmoe.n_experts, self.mmoe.d1  # (D, E * D1) -> (E, D, D1): one matrix per expert
-                    split = self.expert_split
-                    self.register_buffer("expert_item_w", split.w_i.view(-1, e, d1).transpose(0, 1).contiguous())
-                    self.register_buffer("expert_request_w", split.w_r.view(-1, e, d1).transpose(0, 1).contiguous())
-                    self.register_buffer("expert_bias", split.bias.view(e, 1, d1).clone())
-            else:
-                self.after_bottom = None
+                else:  # the dense softmax: experts' first layer and gates in one matrix
+                    self.after_bottom = SplitLinear(self.mmoe.first_weight, self.mmoe.first_bias, req, item)
         self.hash_at: tuple[str, int] | None = None  # (side, column of that side's ids) of hash routing's feature
         if isinstance(model, MMoE) and model.hash_feature is not None:
             side = plan.side(model.hash_feature)
@@ -562,8 +556,6 @@ class FusedScorer(nn.Module):
         if mmoe.use_sparse(g):
             if x is not None:
                 return mmoe.sparse(x, g)
-            split = self.expert_split
-            return mmoe.sparse_split(x_r if split.has_request else None, x_i if split.has_item else None,
-                                     self.expert_request_w, self.expert_item_w, self.expert_bias, owner, g)
+            return mmoe.sparse_split(x_r, x_i, self.expert_split, owner, g)
         h = F.linear(x, mmoe.expert_weight, mmoe.expert_bias) if x is not None else self.expert_split(x_r, x_i, owner)
         return mmoe.dense(h, g)
