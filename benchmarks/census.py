@@ -84,17 +84,20 @@ def machine() -> dict[str, Any]:
 
 
 def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int,
-             overrides: dict[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
+             overrides: dict[str, Any] | None = None, tag: str = "",
+             training: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one model and seed through the pipeline; its selected epoch and val/test AUCs.
 
-    ``overrides`` replace fields of the model's ``MODELS`` settings; ``tag`` names the run folder.
+    ``overrides`` replace fields of the model's ``MODELS`` settings, ``training`` fields of ``RECIPE``
+    (e.g. ``{"lr_schedule": "cosine"}``); ``tag`` names the run folder.
     """
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(TrainConfig(
         features=features, out=work / "runs" / f"{model}{tag}_{seed}", tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
         model=model, epochs=epochs, seed=seed, monitor="val/auc_mean", monitor_mode="max", experiment=EXPERIMENT,
-        register_as=None, progress_bar=False, model_overrides={**MODELS[model], **(overrides or {})}, **RECIPE,
+        register_as=None, progress_bar=False, model_overrides={**MODELS[model], **(overrides or {})},
+        **{**RECIPE, **(training or {})},
     ))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     m = result.metrics
@@ -180,7 +183,7 @@ def bare_throughput(features: Path, epochs: int, fused: bool, seed: int = 2022) 
     """
     module, data = _module(features, seed)
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer to log to
-    opt = module.configure_optimizers()
+    opt = module.optimizer()
     # the same groups (lr, weight decay) minus the per-group implementation choice
     groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
     opt = torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, fused=False, foreach=False)

@@ -114,11 +114,13 @@ def protocol_best_epoch(run_id: str, uri: str) -> tuple[int, list[float]]:
 
 
 def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int, threads: int,
-             overrides: dict[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
+             overrides: dict[str, Any] | None = None, tag: str = "",
+             training: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one model and seed, check selection and metrics against the protocol, return its row.
 
     ``overrides`` replace fields of the model's ``MODELS`` settings (e.g. ``{"gate": GateConfig(...)}``,
-    ``benchmarks/routing.py``); ``tag`` names the run folder beside the model and seed.
+    ``benchmarks/routing.py``), ``training`` fields of ``RECIPE`` (e.g. ``{"lr_schedule": "cosine"}``,
+    ``benchmarks/quality.py``); ``tag`` names the run folder beside the model and seed.
     """
     uri = f"sqlite:///{work / 'mlflow.db'}"
     torch.set_num_threads(threads)
@@ -127,7 +129,8 @@ def run_ours(work: Path, features: Path, model: str, seed: int, epochs: int, thr
     result = train(TrainConfig(
         features=features, out=work / "runs" / f"{model}{tag}_{seed}", tracking_uri=uri, model=model, epochs=epochs,
         seed=seed, monitor="val/auc_mean", monitor_mode="max", experiment=EXPERIMENT, register_as=None,
-        progress_bar=False, model_overrides={**MODELS[model], **(overrides or {})}, **RECIPE,
+        progress_bar=False, model_overrides={**MODELS[model], **(overrides or {})},
+        **{**RECIPE, **(training or {})},
     ))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     best, val_means = protocol_best_epoch(result.run_id, uri)

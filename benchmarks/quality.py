@@ -43,7 +43,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "tower_bn+swish": {"tower_norm": "batch", "expert_activation": "silu"},
     "bottom_256": {"bottom_dims": (256,)},  # a shared bottom under the experts (KuaiRand's recipe has none)
     "dropout_0.1": {"dropout": 0.1},
+    "expert_bn": {"expert_norm": "batch"},
+    "home_experts": {"expert_norm": "batch", "expert_activation": "silu"},  # HoME's normalised Swish experts
+    "feature_gate": {"feature_gate_dim": 64},
+    "cross_full": {"cross_layers": 2},
+    "cross_low_rank": {"cross_layers": 3, "cross_rank": 64},
+    "cosine": {"train.lr_schedule": "cosine"},  # keys train.*: training settings over the recipe
 }
+# The first round's options (report: benchmarks/results/quality_first_options.md, rows not kept).
+FIRST_ROUND = ("tower_bn", "swish", "tower_bn+swish", "bottom_256", "dropout_0.1")
 TASKS = {"kuairand": ("is_click", "long_view", "is_like"), "census": ("income", "never_married")}
 
 

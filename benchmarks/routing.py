@@ -80,7 +80,9 @@ def train_grid(dataset: str, work: Path, seeds: list[int], grid: dict[str, dict[
                epochs: int | None, threads: int) -> None:
     """Each named set of MMoE overrides x seed through the dataset's protocol (``run_ours``), skipping
     the (name, seed) pairs already in ``<work>/<dataset>.jsonl`` and appending a row per run, with the
-    name under ``key`` (this study's ``strategy``, the quality ablation's ``option``)."""
+    name under ``key`` (this study's ``strategy``, the quality ablation's ``option``). Keys
+    ``train.<field>`` of a set are training settings (``TrainConfig`` fields over the recipe), the
+    others model-config fields."""
     from features.build import build
     from features.datasets import scan_dataset
     from features.spec import load_spec
@@ -95,16 +97,18 @@ def train_grid(dataset: str, work: Path, seeds: list[int], grid: dict[str, dict[
     have = {(r[key], r["seed"]) for r in done_rows(out)}
     n_epochs = epochs or (5 if dataset == "kuairand" else 10)  # the protocols' epochs
     for name, overrides in grid.items():
+        model = {k: v for k, v in overrides.items() if not k.startswith("train.")}
+        training = {k.removeprefix("train."): v for k, v in overrides.items() if k.startswith("train.")}
         for seed in seeds:
             if (name, seed) in have:
                 continue
             if dataset == "kuairand":
-                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, threads, overrides, f"_{name}")
+                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, threads, model, f"_{name}", training)
             else:
                 import torch
 
                 torch.set_num_threads(threads)
-                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, overrides, f"_{name}")
+                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, model, f"_{name}", training)
             row.update({key: name}, dataset=dataset, epochs=n_epochs,
                        rows_per_epoch=154_071 if dataset == "kuairand" else bench.TRAIN_ROWS,
                        overrides={k: v.__dict__ if isinstance(v, GateConfig) else v for k, v in overrides.items()})

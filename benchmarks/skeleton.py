@@ -61,7 +61,7 @@ def main() -> None:
         training = FitConfig(batch_size=args.batch_size, epochs=1, validate=False, final_eval=False,
                              accelerator="cpu", limit_train_batches=args.steps)
         module = RankingModule(build_model(mconf), mconf, training).train()
-        opt = module.configure_optimizers()
+        opt = module.optimizer()
 
         def step(i: int, b: Batch) -> None:
             opt.zero_grad()

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ranking.config import MODEL_KINDS, GateConfig, ModelConfig
-from ranking.train.config import FitConfig, LossConfig, OptimConfig
+from ranking.train.config import FitConfig, LossConfig, LrSchedule, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class TrainConfig:
     embedding_lr: float | None = OptimConfig.embedding_lr  # None = lr (Adam), 0.05 (torchrec fused)
     embedding_weight_decay: float = OptimConfig.embedding_weight_decay  # decoupled, every row, every step
     embedding_l2: float = LossConfig.embedding_l2  # L2 on the embedding rows each batch looks up
+    lr_schedule: LrSchedule = OptimConfig.lr_schedule  # "cosine": both learning rates decay to 0 over the run
+    warmup_steps: int = OptimConfig.warmup_steps  # linear warm-up of the learning rates over these steps
     loss_weighting: Literal["fixed", "uncertainty"] = LossConfig.weighting
     seed: int = FitConfig.seed
     accelerator: str = FitConfig.accelerator
@@ -82,7 +84,8 @@ class TrainConfig:
         return FitConfig(
             epochs=self.epochs, batch_size=self.batch_size,
             optim=OptimConfig(lr=self.lr, weight_decay=self.weight_decay, embedding_lr=self.embedding_lr,
-                              embedding_weight_decay=self.embedding_weight_decay),
+                              embedding_weight_decay=self.embedding_weight_decay, lr_schedule=self.lr_schedule,
+                              warmup_steps=self.warmup_steps),
             loss=LossConfig(weighting=self.loss_weighting, embedding_l2=self.embedding_l2),
             seed=self.seed, accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
             strategy=self.strategy, sharding_type=self.sharding_type, embedding_optimizer=self.embedding_optimizer,

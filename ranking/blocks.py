@@ -69,6 +69,8 @@ class Experts(nn.ModuleList):
         num_experts: E.
         dropout: dropout inside each expert.
         activation: the experts' activation (:class:`MLP`).
+        norm: ``"batch"``: a ``BatchNorm1d`` after each expert layer (:class:`MLP`; HoME's expert
+            normalisation), run expert by expert in training and folded into the layers at serving.
 
     Example:
         >>> Experts(8, (16, 4), num_experts=3)(torch.zeros(2, 8)).shape
@@ -76,8 +78,8 @@ class Experts(nn.ModuleList):
     """
 
     def __init__(self, in_dim: int, dims: Sequence[int], num_experts: int, dropout: float = 0.0,
-                 activation: str = "relu") -> None:
-        super().__init__(Expert(in_dim, dims, dropout, activation=activation) for _ in range(num_experts))
+                 activation: str = "relu", norm: str = "none") -> None:
+        super().__init__(Expert(in_dim, dims, dropout, norm, activation) for _ in range(num_experts))
         self.out_dim = dims[-1] if dims else in_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +145,8 @@ def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
         True
     """
     n, b = len(mlps), x.shape[0]
+    if n and any(isinstance(m, nn.BatchNorm1d) for m in mlps[0]):  # per-MLP batch statistics: one by one
+        return torch.stack([m(x) for m in mlps], dim=1)  # (B, N, Do)
     layers = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in mlps]  # N x L linears
     if not layers or not layers[0]:
         return x.unsqueeze(1).expand(-1, n, -1)  # (B, N, D)
@@ -335,6 +339,67 @@ def sparse_mixture(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], x: torch
         return h
 
     return group_mixture(expert, x, weights)
+
+
+class FeatureGate(nn.Module):
+    """A field-wise input gate: each feature field of the front scaled by ``2 sigmoid(MLP(x))``.
+
+    HoME's feature gate and PEPNet's gate unit (Kuaishou): a small network of the whole front
+    (B, D) gives one factor per field (an embedding of ``widths[f]`` columns, or one dense column)
+    in (0, 2), multiplied onto that field's columns; it lets a row turn features up or down. The
+    last layer starts at zero, so every factor starts at 1 and the gate at the identity.
+
+    Args:
+        widths: the columns of each field, in front order (they sum to D).
+        hidden: the gate network's hidden width.
+
+    Example:
+        >>> gate = FeatureGate([4, 4, 1], hidden=8)
+        >>> x = torch.randn(3, 9)
+        >>> torch.equal(gate(x), x)  # the identity until trained
+        True
+    """
+
+    field_of_col: torch.Tensor  # buffer, registered in __init__
+
+    def __init__(self, widths: Sequence[int], hidden: int) -> None:
+        super().__init__()
+        d = sum(widths)
+        self.hidden = nn.Linear(d, hidden)
+        self.out = nn.Linear(hidden, len(widths))
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        cols = [f for f, w in enumerate(widths) for _ in range(w)]
+        self.register_buffer("field_of_col", torch.tensor(cols, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D), each field's columns times its factor."""
+        factor = 2 * torch.sigmoid(self.out(torch.relu(self.hidden(x))))  # (B, fields)
+        return x * factor.index_select(1, self.field_of_col)  # (B, D)
+
+
+def cross_network(in_dim: int, layers: int, rank: int, experts: int) -> nn.Module:
+    """A DCN-v2 cross network (Wang et al. 2021) from TorchRec: (B, D) -> (B, D).
+
+    ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``, explicit feature crosses of degree ``layers + 1``.
+    ``rank`` 0: full-rank ``W_l`` (:class:`torchrec.modules.crossnet.CrossNet`); ``rank`` r > 0:
+    ``W_l = U_l V_l`` of rank r (``LowRankCrossNet``); with ``experts`` > 1, a mixture of that many
+    low-rank crosses per layer (``LowRankMixtureCrossNet``, DCN-Mix).
+
+    Example:
+        >>> cross_network(6, 2, 3, 1)(torch.zeros(4, 6)).shape
+        torch.Size([4, 6])
+    """
+    from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
+
+    net: nn.Module
+    if not rank:
+        net = CrossNet(in_dim, layers)
+    elif experts > 1:
+        net = LowRankMixtureCrossNet(in_dim, layers, num_experts=experts, low_rank=rank)
+    else:
+        net = LowRankCrossNet(in_dim, layers, low_rank=rank)
+    return net
 
 
 class Tower(nn.Module):

@@ -185,6 +185,10 @@ class ModelConfig:
     model: ModelKind = "mmoe"  # which mixing sits between the shared front and the towers
     position_buckets: int = 0  # 0 disables the position-bias tower
     bottom_dims: tuple[int, ...] = (256,)  # shared bottom; () turns it off (single_task: per-task bottom)
+    feature_gate_dim: int = 0  # > 0: a field-wise input gate 2 sigmoid(MLP(x)) of this hidden width (HoME, PEPNet)
+    cross_layers: int = 0  # > 0: a DCN-v2 cross network of this many layers on the front, under the bottom
+    cross_rank: int = 0  # 0: full-rank cross layers (torchrec CrossNet); > 0: LowRankCrossNet of this rank
+    cross_experts: int = 1  # > 1 (with cross_rank > 0): LowRankMixtureCrossNet with this many experts
     num_experts: int = 4  # omoe, mmoe
     num_task_experts: int = 1  # ple: experts owned by each task, per level
     num_shared_experts: int = 2  # ple: experts shared by all tasks, per level
@@ -193,6 +197,7 @@ class ModelConfig:
     load_balance_weight: float = 0.0  # > 0: model returns aux["load_balance"]; the trainer applies the weight
     expert_dims: tuple[int, ...] = (128, 64)
     expert_activation: Literal["relu", "silu"] = "relu"  # "silu": Swish experts, no dead units (HoME)
+    expert_norm: Literal["none", "batch"] = "none"  # "batch": BatchNorm1d after each expert layer (folded at serving)
     tower_dims: tuple[int, ...] = (32,)
     tower_norm: Literal["none", "batch"] = "none"  # "batch": BatchNorm1d after each tower layer (folded at serving)
     dropout: float = 0.0
@@ -217,8 +222,15 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.expert_activation not in ("relu", "silu"):
             raise ValueError(f"expert_activation must be 'relu' or 'silu', got {self.expert_activation!r}")
-        if self.tower_norm not in ("none", "batch"):
-            raise ValueError(f"tower_norm must be 'none' or 'batch', got {self.tower_norm!r}")
+        for name in ("tower_norm", "expert_norm"):
+            if getattr(self, name) not in ("none", "batch"):
+                raise ValueError(f"{name} must be 'none' or 'batch', got {getattr(self, name)!r}")
+        for name, low in (("feature_gate_dim", 0), ("cross_layers", 0), ("cross_rank", 0), ("cross_experts", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.cross_experts > 1 and not self.cross_rank:
+            raise ValueError(f"cross_experts {self.cross_experts} needs low-rank cross layers (cross_rank > 0)")
 
     def _check_gate(self) -> None:
         g, limit = self.gate, self.experts_per_gate

@@ -417,7 +417,14 @@ class FusedScorer(nn.Module):
         linears = [m for m in model.bottom if isinstance(m, nn.Linear)]
         self.mmoe = MMoEHead(model) if isinstance(model, MMoE) else None
         self.after_bottom: SplitLinear | None = None  # the dense MMoE's first layer without a bottom
-        if linears:  # the bottom's first layer takes the split; the rest runs per candidate
+        # A feature gate or cross network mixes request and item columns before any linear layer:
+        # the front is assembled per candidate and no layer is split.
+        self.interacts = model.interacts
+        self.bottom_rest: nn.Sequential
+        if self.interacts:
+            self.bottom_rest = model.bottom
+            self.first = None
+        elif linears:  # the bottom's first layer takes the split; the rest runs per candidate
             self.first = SplitLinear(linears[0].weight, linears[0].bias, sides["request"].columns,
                                      sides["item"].columns)
             self.bottom_rest = nn.Sequential(*list(model.bottom)[1:])
@@ -523,14 +530,16 @@ class FusedScorer(nn.Module):
         lists_i = [(rest[2 + 2 * k], rest[3 + 2 * k]) for k in range(len(self.front_i.lists))]
         x_r = self.front_r(ids_r, lists_r, dense_r)  # (R, D_r)
         x_i = self.front_i(ids_i, lists_i, dense_i)  # (N, D_i)
-        if self.first is not None:
+        x: torch.Tensor | None
+        if self.interacts:  # the whole front per candidate, through the gate / cross network and the bottom
+            x = self.bottom_rest(self.model.interact(self._front(x_r, x_i, owner)))  # (N, D)
+        elif self.first is not None:
             x = self.bottom_rest(self.first(x_r, x_i, owner))  # (N, D); bottom_rest starts with its ReLU
-            if self.mmoe is not None:
-                return self._mmoe(self.mmoe, x, x_r, x_i, owner, self.route_ids(ids_r, ids_i, owner))
-        elif self.mmoe is not None:
-            return self._mmoe(self.mmoe, None, x_r, x_i, owner, self.route_ids(ids_r, ids_i, owner))
         else:
-            x = self._front(x_r, x_i, owner)
+            x = None if self.mmoe is not None else self._front(x_r, x_i, owner)  # None: MMoE splits its first layer
+        if self.mmoe is not None:
+            return self._mmoe(self.mmoe, x, x_r, x_i, owner, self.route_ids(ids_r, ids_i, owner))
+        assert x is not None
         out = self.model.head(x, None).logits
         return torch.stack([out[t] for t in self.tasks])  # (T, N)
 

@@ -44,7 +44,7 @@ class MMoE(RankingModel):
 
     def build_mixing(self, config: ModelConfig) -> None:
         self.experts = Experts(self.width, config.expert_dims, config.total_experts, config.dropout,
-                               config.expert_activation)
+                               config.expert_activation, config.expert_norm)
         self.gates = TaskGates(self.task_names, self.width, config.num_experts, config.gate)
         self.hash_feature = config.hash_slot() if config.gate.kind == "hash" else None
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from ranking.blocks import MLP, Experts, PositionBiasTower, Tower
+from ranking.blocks import MLP, Experts, FeatureGate, PositionBiasTower, Tower, cross_network
 from ranking.config import ModelConfig
 from ranking.gating import Gate, load_balance_loss, mix_experts
 
@@ -105,6 +105,12 @@ class RankingModel(nn.Module):
             "single_sizes", torch.tensor([s.num_embeddings for s in config.sparse]) if fast else None, persistent=False
         )
         in_dim = sum(s.embedding_dim for s in config.sparse) + len(config.dense)
+        # Optional interactions on the front, before the bottom: built only when asked, so a model
+        # without them keeps its keys and seeded initialisation.
+        widths = [s.embedding_dim for s in config.sparse] + [1] * len(config.dense)
+        self.feature_gate = FeatureGate(widths, config.feature_gate_dim) if config.feature_gate_dim else None
+        self.cross = (cross_network(in_dim, config.cross_layers, config.cross_rank, config.cross_experts)
+                      if config.cross_layers else None)
         self.bottom = MLP(in_dim, config.bottom_dims if self.shared_bottom else (), config.dropout)
         self.build_mixing(config)
         self.towers = nn.ModuleDict(
@@ -147,8 +153,21 @@ class RankingModel(nn.Module):
         else:
             single = self.lookup_single(sparse)
             emb = single if single is not None else self.lookup_pooled(sparse)
-        out: torch.Tensor = self.bottom(torch.cat([emb, dense], dim=1))  # (B, D)
+        out: torch.Tensor = self.bottom(self.interact(torch.cat([emb, dense], dim=1)))  # (B, D)
         return out
+
+    @property
+    def interacts(self) -> bool:
+        """Whether the front passes a feature gate or a cross network before the bottom."""
+        return self.feature_gate is not None or self.cross is not None
+
+    def interact(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ++ dense (B, D0) through the feature gate and the cross network, where built."""
+        if self.feature_gate is not None:
+            x = self.feature_gate(x)
+        if self.cross is not None:
+            x = self.cross(x)
+        return x
 
     def lookup_single(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
         """Fast path: every feature has exactly one id per row -> one gather, (B, F * De); else None.
@@ -302,7 +321,7 @@ class OMoE(RankingModel):
 
     def build_mixing(self, config: ModelConfig) -> None:
         self.experts = Experts(self.width, config.expert_dims, config.num_experts, config.dropout,
-                               config.expert_activation)
+                               config.expert_activation, config.expert_norm)
         self.gate = Gate(self.width, config.num_experts, config.gate)
 
     def head(self, x: torch.Tensor, position: torch.Tensor | None = None) -> ModelOutput:
@@ -349,9 +368,11 @@ class ExtractionLevel(nn.Module):
         super().__init__()
         n_tasks, own, shared = len(config.tasks), config.num_task_experts, config.num_shared_experts
         self.task_experts = nn.ModuleList(
-            Experts(in_dim, config.expert_dims, own, config.dropout, config.expert_activation) for _ in range(n_tasks)
+            Experts(in_dim, config.expert_dims, own, config.dropout, config.expert_activation, config.expert_norm)
+            for _ in range(n_tasks)
         )
-        self.shared_experts = Experts(in_dim, config.expert_dims, shared, config.dropout, config.expert_activation)
+        self.shared_experts = Experts(in_dim, config.expert_dims, shared, config.dropout, config.expert_activation,
+                                      config.expert_norm)
         self.task_gates = nn.ModuleList(Gate(in_dim, own + shared, config.gate) for _ in range(n_tasks))
         self.shared_gate = Gate(in_dim, n_tasks * own + shared, config.gate) if shared_gate else None
 

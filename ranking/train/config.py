@@ -6,10 +6,12 @@ Importing this module imports neither torch nor Lightning, so the command line r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 LossWeighting = Literal["fixed", "uncertainty"]
+LrSchedule = Literal["constant", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,18 @@ class OptimConfig:
         embedding_lr: Adam learning rate of the embedding tables; None = ``lr``.
         embedding_weight_decay: decoupled (AdamW-style) weight decay of the embedding tables: every
             row shrinks by ``lr * wd`` per step, touched or not. 0 = off.
+        lr_schedule: ``"constant"``, or ``"cosine"``: both groups' learning rates follow a half
+            cosine from their value down to 0 over every training step of the run (stepped per batch).
+        warmup_steps: the first steps' learning rates rise linearly from ``1 / warmup_steps`` of
+            their value; 0 = off.
     """
 
     lr: float = 2e-3
     weight_decay: float = 0.0
     embedding_lr: float | None = None
     embedding_weight_decay: float = 0.0
+    lr_schedule: LrSchedule = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -57,6 +65,28 @@ class OptimConfig:
         for name in ("weight_decay", "embedding_weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes during training."""
+        return self.lr_schedule != "constant" or self.warmup_steps > 0
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The multiple of each group's learning rate at ``step`` (0-based) of ``total`` steps.
+
+        Example:
+            >>> o = OptimConfig(lr_schedule="cosine", warmup_steps=2)
+            >>> [round(o.lr_factor(s, 5), 3) for s in range(5)]
+            [0.5, 0.905, 0.655, 0.345, 0.095]
+        """
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return warm
 
 
 @dataclass(frozen=True)

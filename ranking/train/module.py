@@ -150,7 +150,18 @@ class RankingModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         return batch.to(device, non_blocking=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        """Adam over the dense layers and the tables (:meth:`optimizer`); with a learning-rate
+        schedule (``OptimConfig.lr_schedule``, ``warmup_steps``) also its per-step scheduler, over
+        the steps the trainer will take."""
+        opt = self.optimizer()
+        if not self.optim.scheduled:
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.optim.lr_factor(step, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer(self) -> torch.optim.Optimizer:
         # Tables a sharding strategy trains with its own fused optimizer in backward are not ours.
         named = [(n, p) for n, p in self.named_parameters() if not hasattr(p, "_in_backward_optimizers")]
         emb = [p for n, p in named if ".embeddings." in f".{n}"]

@@ -56,7 +56,7 @@ def test_touched_rows_l2_gradient_reaches_only_touched_rows() -> None:
 def test_optimizer_groups_carry_embedding_settings() -> None:
     module = RankingModule(build_model(_cfg()), _cfg(), FitConfig(optim=OptimConfig(
         lr=1e-3, weight_decay=1e-4, embedding_lr=5e-4, embedding_weight_decay=0.5)))
-    opt = module.configure_optimizers()
+    opt = module.optimizer()
     dense, emb = opt.param_groups
     assert (dense["lr"], dense["weight_decay"], dense["decoupled_weight_decay"]) == (1e-3, 1e-4, False)
     assert (emb["lr"], emb["weight_decay"], emb["decoupled_weight_decay"]) == (5e-4, 0.5, True)
@@ -65,7 +65,7 @@ def test_optimizer_groups_carry_embedding_settings() -> None:
 
 
 def test_defaults_leave_embeddings_unregularised() -> None:
-    opt = RankingModule(build_model(_cfg()), _cfg(), FitConfig(optim=OptimConfig(lr=2e-3))).configure_optimizers()
+    opt = RankingModule(build_model(_cfg()), _cfg(), FitConfig(optim=OptimConfig(lr=2e-3))).optimizer()
     emb = opt.param_groups[1]
     assert (emb["lr"], emb["weight_decay"]) == (2e-3, 0.0)
 

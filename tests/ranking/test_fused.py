@@ -94,6 +94,17 @@ MODELS: dict[str, dict[str, Any]] = {
     "mmoe_swish_experts": {"expert_activation": "silu"},
     "mmoe_swish_experts_no_bottom_top_k": {"expert_activation": "silu", "bottom_dims": (),
                                            "gate": GateConfig("noisy_topk", top_k=1), "num_experts": 4},
+    "mmoe_expert_batch_norm": {"expert_norm": "batch"},
+    "mmoe_expert_batch_norm_no_bottom_top_k": {"expert_norm": "batch", "bottom_dims": (),
+                                               "gate": GateConfig("noisy_topk", top_k=1), "num_experts": 4},
+    "mmoe_feature_gate": {"feature_gate_dim": 8},
+    "mmoe_feature_gate_no_bottom_top_k": {"feature_gate_dim": 8, "bottom_dims": (),
+                                          "gate": GateConfig("noisy_topk", top_k=1), "num_experts": 4},
+    "mmoe_cross_full_rank": {"cross_layers": 2},
+    "mmoe_cross_low_rank_no_bottom": {"cross_layers": 2, "cross_rank": 4, "bottom_dims": ()},
+    "mmoe_cross_mixture_gate_no_bottom_expert_choice": {
+        "cross_layers": 1, "cross_rank": 3, "cross_experts": 2, "feature_gate_dim": 6, "bottom_dims": (),
+        "gate": GateConfig("expert_choice", top_k=1), "num_experts": 4},
     "omoe": {"model": "omoe"},
     "omoe_top_p": {"model": "omoe", "gate": GateConfig("top_p", top_p=0.6)},
     "omoe_noisy_topk_no_bottom": {"model": "omoe", "gate": GateConfig("noisy_topk", top_k=2), "bottom_dims": ()},
@@ -101,8 +112,12 @@ MODELS: dict[str, dict[str, Any]] = {
     "ple_tower_batch_norm": {"model": "ple", "tower_norm": "batch"},
     "ple_swish_experts": {"model": "ple", "expert_activation": "silu"},
     "ple_cgc_no_bottom": {"model": "ple", "ple_levels": 1, "bottom_dims": ()},
+    "ple_expert_batch_norm": {"model": "ple", "expert_norm": "batch"},
+    "ple_cross_low_rank": {"model": "ple", "cross_layers": 1, "cross_rank": 2},
     "shared_bottom": {"model": "shared_bottom"},
+    "shared_bottom_feature_gate": {"model": "shared_bottom", "feature_gate_dim": 5},
     "single_task": {"model": "single_task"},
+    "single_task_cross_no_bottom": {"model": "single_task", "cross_layers": 2, "bottom_dims": ()},
     "single_task_no_bottom": {"model": "single_task", "bottom_dims": ()},
 }
 
@@ -195,8 +210,12 @@ def network(cfg: ModelConfig, seed: int) -> RankingModel:
         for name, p in model.named_parameters():
             if p.dim() == 2 and ".t_" in f".{name}":  # embedding tables
                 p.normal_(0.0, 1.0)
+            elif name.startswith("cross."):  # x0 * (W x + b) + x: small W keeps each layer's output O(x0)
+                p.normal_(0.0, 0.3 / p.shape[-1] ** 0.5)
             elif p.dim() == 2:  # linear layers: variance kept through the ReLUs
                 p.normal_(0.0, 1.6 / p.shape[1] ** 0.5)
+            elif p.dim() == 1 and name.endswith(".weight"):  # batch norms' scales
+                p.normal_(1.0, 0.2)
             else:
                 p.normal_(0.0, 0.2)
         for name, buf in model.named_buffers():  # batch norms: running statistics as after training
