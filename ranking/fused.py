@@ -13,7 +13,8 @@ path needs and serving does not:
   that reads the front is split by columns, ``W x = W_item x_item + W_req x_req``: the request
   part is computed once per request and added to each of its candidates' rows. The first layer
   is the shared bottom's, or, without a bottom, MMoE's expert input layers and gates fused into
-  one matrix.
+  one matrix. A model with a feature gate or a cross network (``RankingModel.interact``) mixes
+  the two sides before any linear layer: its front is assembled per candidate and not split.
 - **MMoE as a handful of batched ops.** The experts' layers are stacked once (one ``baddbmm``
   per layer for all experts), all task gates are one matmul, the towers are stacked like the
   experts. Other variants (``omoe``, ``ple``, ``shared_bottom``, ``single_task``) keep their own

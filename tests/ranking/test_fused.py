@@ -454,3 +454,22 @@ def test_the_exported_sparse_network_scores_like_eager_at_any_batch_size(
         for part in (requests, requests[3:4], requests[5:12]):
             b = plan.encode(part)
             assert (program(*scorer.inputs(b)) - scorer.score(b)).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("layout", ["mixed"], indirect=True)
+@pytest.mark.parametrize("variant", ["mmoe_cross_mixture_gate_no_bottom_expert_choice", "mmoe_cross_full_rank",
+                                     "mmoe_expert_batch_norm"])
+def test_the_exported_network_with_interactions_scores_like_eager(
+    layout: tuple[str, FittedTransform, pl.DataFrame, list[RawRequest]], variant: str,
+) -> None:
+    """A feature gate, TorchRec's cross networks and folded expert batch norms export with a dynamic batch."""
+    from ranking.inference import _probe
+
+    _, fitted, _, requests = layout
+    plan = ServingPlan.from_fitted(fitted)
+    scorer = FusedScorer(network(ModelConfig.from_fitted(fitted, **{**SMALL, **MODELS[variant]}), seed=4), plan)
+    program = scorer.export(plan.encode([_probe(fitted, 3)] * 2)).module()
+    with torch.inference_mode():
+        for part in (requests, requests[3:4], requests[5:12]):
+            b = plan.encode(part)
+            assert (program(*scorer.inputs(b)) - scorer.score(b)).abs().max().item() <= TOLERANCE
