@@ -21,6 +21,8 @@ Options so far:
 
     .venv/bin/python benchmarks/quality.py --train --dataset kuairand --work W [--options baseline,tower_bn]
     .venv/bin/python benchmarks/quality.py --train --dataset census --work W --seeds 2022,2023,2024,2025,2026
+    .venv/bin/python benchmarks/quality.py --peers --dataset kuairand --work W   # the peers, same machine
+    .venv/bin/python benchmarks/quality.py --cost --dataset kuairand --work W    # training cost per option
     .venv/bin/python benchmarks/quality.py --report --work W      # benchmarks/results/quality.md
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -74,13 +77,100 @@ def train(dataset: str, work: Path, seeds: list[int], options: list[str], thread
     STUDY.train_grid(dataset, work, seeds, {name: OPTIONS[name] for name in options}, "option", None, threads)
 
 
-def table(dataset: str, rows: list[dict[str, Any]]) -> str:
-    """Test metrics at the best validation epoch, mean ± sd over seeds; Δ and verdict against baseline."""
+def train_cost(dataset: str, work: Path, options: list[str], steps: int = 40, threads: int = 1) -> None:
+    """Training cost of each option: ``steps`` timed steps (``training_step``, backward, the module's
+    Adam) on batches of the recipe's size from the training split, at ``threads`` torch threads,
+    after 5 untimed ones; the median of 3 such rounds, as ms per step and s per epoch of the split.
+    Rows go to ``<work>/<dataset>_cost.jsonl``, replacing earlier ones of the same option."""
+    import os
+    import time
+
+    import torch
+
+    from pipelines.train_config import load_recipe, recipe_path
+    from ranking.artifact import build_model
+    from ranking.config import ModelConfig
+    from ranking.train import FitConfig, OptimConfig, RankingDataModule, RankingModule, load_features
+
+    torch.set_num_threads(threads)
+    features = work / dataset / "features"
+    fields, shape = load_recipe(recipe_path(dataset), "mmoe")  # type: ignore[arg-type]  # bundled datasets
+    out = work / f"{dataset}_cost.jsonl"
+    kept = [r for r in STUDY.done_rows(out) if r["option"] not in options]
+    for name in options:
+        opts = OPTIONS[name]
+        model = {k: v for k, v in opts.items() if not k.startswith("train.")}
+        training = {k.removeprefix("train."): v for k, v in opts.items() if k.startswith("train.")}
+        lr = training.get("lr", fields["lr"])
+        optim = OptimConfig(lr=lr, embedding_lr=training.get("embedding_lr", fields.get("embedding_lr")))
+        cfg = ModelConfig.from_fitted(load_features(features), **{**shape, **model})
+        torch.manual_seed(0)
+        module = RankingModule(build_model(cfg), cfg, FitConfig(optim=optim))
+        module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer to log to
+        opt = module.optimizer()
+        data = RankingDataModule(features, cfg, batch_size=fields["batch_size"], seed=0)
+        data.setup()
+        batches = list(itertools.islice(iter(data.train_dataloader()), steps + 5))
+        rounds = []
+        for _ in range(3):
+            for i, batch in enumerate(batches):
+                if i == 5:
+                    t = time.perf_counter()
+                module.on_train_batch_start(batch, i)
+                loss = module.training_step(batch, i)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            rounds.append((time.perf_counter() - t) / steps)
+        step_s = statistics.median(rounds)
+        rows = len(data.tables["train"])
+        kept.append({"option": name, "ms_per_step": 1e3 * step_s, "batch_size": fields["batch_size"],
+                     "s_per_epoch": step_s * rows / fields["batch_size"], "threads": threads,
+                     "params": sum(p.numel() for p in module.model.parameters()), "load1": os.getloadavg()[0]})
+        print(json.dumps(kept[-1]), flush=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def run_peers(dataset: str, work: Path, seeds: list[int]) -> None:
+    """The peer libraries on this machine, their own drivers (``shared/peers``), into ``<work>/peers``:
+    KuaiRand every seed, census the driver's one seed (2022). Each driver builds its environment when
+    it is missing."""
+    bench = STUDY._benchmark(dataset)
+    if dataset == "kuairand":
+        bench.run_peers(seeds, work / "peers")
+    else:
+        bench.run_peers(work / "peers", 10)
+
+
+def peer_rows(dataset: str, work: Path) -> list[dict[str, Any]]:
+    """The peer runs in ``<work>/peers`` as rows of this ablation (``option`` = library and model)."""
+    peers = work / "peers"
+    if dataset == "kuairand":
+        files = sorted((peers / "results_kuairand").glob("*_s*.json"))
+        got = [json.loads(f.read_text()) for f in files]
+        return [{"option": f"{r['library'].split()[0]} {r['model']}", "seed": r["args"]["seed"],
+                 "test": r["test_at_best"], "best_epoch": r["best_val_epoch"],
+                 "wall_s": r["train_time_s"] + r["eval_time_s"]} for r in got]
+    names = STUDY._benchmark("census").PEER_TASKS
+    files = [f for f in sorted((peers / "results").glob("*.json")) if not f.stem.endswith("_tp")]
+    got = [json.loads(f.read_text()) for f in files]
+    return [{"option": f"{r['library'].split()[0]} {r['model']}", "seed": 2022, "best_epoch": r["best_val_epoch"],
+             "test": {t: r["test_auc_at_best_val_epoch"][names[t]] for t in TASKS["census"]},
+             "wall_s": r["train_time_s"] + r["eval_time_s"]} for r in got]
+
+
+def table(dataset: str, rows: list[dict[str, Any]], peers: list[dict[str, Any]] | None = None,
+          cost: dict[str, dict[str, Any]] | None = None) -> str:
+    """Test metrics at the best validation epoch, mean ± sd over seeds; Δ and verdict against baseline,
+    then the peers' rows (same machine) with Δ of the best of ours against them."""
     tasks = TASKS[dataset]
     metrics = ("auc", "gauc") if dataset == "kuairand" else ("auc",)
-    head = ["option", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "verdict vs baseline", "wall s / run"]
+    head = ["option", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "verdict vs baseline", "wall s / run",
+            "train s / epoch (ms / step)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {name: [r for r in rows if r["option"] == name] for name in OPTIONS}
+    for r in peers or []:
+        by.setdefault(f"peer: {r['option']}", []).append(r)
     base = by["baseline"]
     for name, runs in by.items():
         if not runs:
@@ -91,14 +181,17 @@ def table(dataset: str, rows: list[dict[str, Any]]) -> str:
             for m in metrics:
                 vals = [STUDY._metric(r, t, m) for r in runs]
                 cell = STUDY._stat(vals)
-                if base and name != "baseline":
+                if base and name != "baseline" and not name.startswith("peer: "):
                     d, sign = STUDY.verdict(vals, [STUDY._metric(r, t, m) for r in base])
                     wins, losses = wins + (sign > 0), losses + (sign < 0)
                     cell += f" ({d:+.4f})"
                 cells.append(cell)
         n = len(tasks) * len(metrics)
-        cells.append("-" if name == "baseline" or not base else f"wins {wins}, loses {losses} of {n}")
+        plain = name == "baseline" or not base or name.startswith("peer: ")
+        cells.append("-" if plain else f"wins {wins}, loses {losses} of {n}")
         cells.append(f"{statistics.median(r['wall_s'] for r in runs):.0f}")
+        c = (cost or {}).get(name)
+        cells.append(f"{c['s_per_epoch']:.1f} ({c['ms_per_step']:.1f})" if c else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,12 +211,20 @@ def report(work: Path, out: Path) -> None:
              "test metrics at the best validation epoch, mean ± sd over seeds;",
              "- verdict: metrics where the mean differs from the baseline's by more than twice the larger seed sd;",
              "- wall s / run: whole runs, some with other jobs on the 2 cores: not a cost comparison;",
+             "- train s / epoch: `--cost`, training steps alone (forward, backward, Adam) at 1 thread on the idle "
+             "box, median of 3 rounds of 40 steps, times the training split's steps: the cost comparison;",
              f"- options: `{json.dumps(OPTIONS)}`", ""]
     for dataset in ("kuairand", "census"):
         rows = STUDY.done_rows(work / f"{dataset}.jsonl")
         if rows:
             seeds = sorted({r["seed"] for r in rows})
-            parts += [f"## {dataset} (seeds {', '.join(map(str, seeds))})", "", table(dataset, rows), ""]
+            peers = peer_rows(dataset, work)
+            cost = {r["option"]: r for r in STUDY.done_rows(work / f"{dataset}_cost.jsonl")}
+            parts += [f"## {dataset} (seeds {', '.join(map(str, seeds))})", "", table(dataset, rows, peers, cost), ""]
+            if peers:
+                parts += ["peer rows: the libraries' own drivers (`shared/peers`) on this machine, in `--peers`'s "
+                          "run (2 threads each; wall s = their training and scoring passes); census's driver has "
+                          "one seed (2022).", ""]
             copied: dict[tuple[str, str], list[int]] = {}
             for r in rows:
                 if "copied_from" in r:
@@ -138,6 +239,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--cost", action="store_true", help="time each option's training step (train s / epoch)")
+    ap.add_argument("--peers", action="store_true",
+                    help="run the peer libraries' drivers on this machine (rows beside ours in the report)")
     ap.add_argument("--dataset", choices=("kuairand", "census"), default="kuairand")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--seeds", default="2022,2023,2024", help="comma list (census: >= 5 for the issue's bar)")
@@ -152,6 +256,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.train:
         train(args.dataset, args.work, [int(s) for s in args.seeds.split(",")], options, args.threads)
+    if args.cost:
+        train_cost(args.dataset, args.work, options)
+    if args.peers:
+        run_peers(args.dataset, args.work, [int(s) for s in args.seeds.split(",")])
     if args.report:
         report(args.work, args.out)
 

@@ -99,17 +99,18 @@ def train_grid(dataset: str, work: Path, seeds: list[int], grid: dict[str, dict[
     for name, overrides in grid.items():
         model = {k: v for k, v in overrides.items() if not k.startswith("train.")}
         training = {k.removeprefix("train."): v for k, v in overrides.items() if k.startswith("train.")}
+        run_epochs = training.pop("epochs", n_epochs)
         for seed in seeds:
             if (name, seed) in have:
                 continue
             if dataset == "kuairand":
-                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, threads, model, f"_{name}", training)
+                row = bench.run_ours(root, features, "mmoe", seed, run_epochs, threads, model, f"_{name}", training)
             else:
                 import torch
 
                 torch.set_num_threads(threads)
-                row = bench.run_ours(root, features, "mmoe", seed, n_epochs, model, f"_{name}", training)
-            row.update({key: name}, dataset=dataset, epochs=n_epochs,
+                row = bench.run_ours(root, features, "mmoe", seed, run_epochs, model, f"_{name}", training)
+            row.update({key: name}, dataset=dataset, epochs=run_epochs,
                        rows_per_epoch=154_071 if dataset == "kuairand" else bench.TRAIN_ROWS,
                        overrides={k: v.__dict__ if isinstance(v, GateConfig) else v for k, v in overrides.items()})
             with out.open("a") as f:
