@@ -127,8 +127,46 @@ def train_cost(dataset: str, work: Path, options: list[str], steps: int = 40, th
         kept.append({"option": name, "ms_per_step": 1e3 * step_s, "batch_size": fields["batch_size"],
                      "s_per_epoch": step_s * rows / fields["batch_size"], "threads": threads,
                      "params": sum(p.numel() for p in module.model.parameters()), "load1": os.getloadavg()[0]})
+        if dataset == "kuairand":  # the serving network's forward on real requests
+            kept[-1].update(serving_cost(module.model, cfg, work / "serving" / name))
         print(json.dumps(kept[-1]), flush=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def serving_cost(model: Any, cfg: Any, folder: Path, seconds: float = 1.0) -> dict[str, float]:
+    """µs per candidate of the serving network's forward (``FusedScorer.score``, eager) on KuaiRand test
+    requests of 100 candidates and of 1, after checking its scores against the reference path."""
+    import time
+
+    import numpy as np
+
+    from features.fitted import FittedTransform
+    from ranking.artifact import export_artifact
+    from ranking.inference import InferenceModel
+
+    features = folder.parents[1] / "kuairand" / "features"
+    fitted = FittedTransform.load(features / "transform.json")
+    data = STUDY._benchmark("kuairand").SHARED / "data" / "kuairand_pure_subset"
+    reqs = STUDY.test_requests(data, fitted.spec, 100, 1)
+    one = [(reqs[0][0], reqs[0][1], {c: v[:1] for c, v in reqs[0][2].items()})]
+    served = InferenceModel(export_artifact(model.eval(), cfg, fitted, folder))
+    for g, w in zip(served.score_requests(reqs), served.reference_score_requests(reqs), strict=True):
+        if max(float(np.abs(g[t] - w[t]).max()) for t in served.tasks) > 1e-4:
+            raise ValueError(f"{folder.name}: served scores differ from the reference path")
+    out: dict[str, float] = {}
+    for n, batch in ((100, reqs), (1, one)):
+        enc = served.plan.encode(batch)
+        best = float("inf")
+        for _ in range(3):
+            times: list[float] = []
+            end = time.perf_counter() + seconds / 3
+            while time.perf_counter() < end or len(times) < 3:
+                t0 = time.perf_counter()
+                served.scorer.score(enc)
+                times.append(time.perf_counter() - t0)
+            best = min(best, 1e6 * float(np.median(times)) / n)
+        out[f"serve_us_{n}"] = best
+    return out
 
 
 def run_peers(dataset: str, work: Path, seeds: list[int]) -> None:
@@ -166,7 +204,7 @@ def table(dataset: str, rows: list[dict[str, Any]], peers: list[dict[str, Any]] 
     tasks = TASKS[dataset]
     metrics = ("auc", "gauc") if dataset == "kuairand" else ("auc",)
     head = ["option", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "verdict vs baseline", "wall s / run",
-            "train s / epoch (ms / step)"]
+            "train s / epoch (ms / step)", *(["serving µs / cand @100, @1"] if dataset == "kuairand" else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {name: [r for r in rows if r["option"] == name] for name in OPTIONS}
     for r in peers or []:
@@ -192,6 +230,8 @@ def table(dataset: str, rows: list[dict[str, Any]], peers: list[dict[str, Any]] 
         cells.append(f"{statistics.median(r['wall_s'] for r in runs):.0f}")
         c = (cost or {}).get(name)
         cells.append(f"{c['s_per_epoch']:.1f} ({c['ms_per_step']:.1f})" if c else "")
+        if dataset == "kuairand":
+            cells.append(f"{c['serve_us_100']:.1f}, {c['serve_us_1']:.0f}" if c and "serve_us_1" in c else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -213,6 +253,8 @@ def report(work: Path, out: Path) -> None:
              "- wall s / run: whole runs, some with other jobs on the 2 cores: not a cost comparison;",
              "- train s / epoch: `--cost`, training steps alone (forward, backward, Adam) at 1 thread on the idle "
              "box, median of 3 rounds of 40 steps, times the training split's steps: the cost comparison;",
+             "- serving µs / cand: `--cost`, the serving network's eager forward (`FusedScorer.score`) on one KuaiRand "
+             "test request of 100 candidates and on 1 candidate, 1 thread, the fastest of 3 medians;",
              f"- options: `{json.dumps(OPTIONS)}`", ""]
     for dataset in ("kuairand", "census"):
         rows = STUDY.done_rows(work / f"{dataset}.jsonl")
