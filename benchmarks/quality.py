@@ -52,6 +52,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "cross_full": {"cross_layers": 2},
     "cross_low_rank": {"cross_layers": 3, "cross_rank": 64},
     "cosine": {"train.lr_schedule": "cosine"},  # keys train.*: training settings over the recipe
+    # second round: the first round's winners together
+    "cross_full+cosine": {"cross_layers": 2, "train.lr_schedule": "cosine"},
+    "feature_gate+cross_full": {"feature_gate_dim": 64, "cross_layers": 2},
+    "feature_gate+cross_low_rank": {"feature_gate_dim": 64, "cross_layers": 3, "cross_rank": 64},
 }
 # The first round's options (report: benchmarks/results/quality_first_options.md, rows not kept).
 FIRST_ROUND = ("tower_bn", "swish", "tower_bn+swish", "bottom_256", "dropout_0.1")
