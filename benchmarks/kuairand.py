@@ -58,10 +58,11 @@ TASKS = ("is_click", "long_view", "is_like")
 EXPERIMENT = "kuairand-replication"
 
 # Architectures: the peers' experts (8 x [128, 64]) and towers ([32]) on the 501-wide input, no
-# shared bottom. PLE's first level holds the same 8 experts (2 per task + 2 shared), a second
-# level refines them. Regularisation (RECIPE) is what keeps the id embeddings from overfitting.
+# shared bottom; MMoE with a 2-layer DCN-v2 cross network on its input (the quality ablation's
+# winner, benchmarks/results/quality.md). PLE's first level holds the same 8 experts (2 per task +
+# 2 shared), a second level refines them.
 MODELS: dict[str, dict[str, Any]] = {
-    "mmoe": {"num_experts": 8, "expert_dims": (128, 64), "tower_dims": (32,), "bottom_dims": ()},
+    "mmoe": {"num_experts": 8, "expert_dims": (128, 64), "tower_dims": (32,), "bottom_dims": (), "cross_layers": 2},
     "ple": {"num_task_experts": 2, "num_shared_experts": 2, "ple_levels": 2, "expert_dims": (128, 64),
             "tower_dims": (32,), "bottom_dims": ()},
 }

@@ -77,3 +77,18 @@ def test_ranker_train_starts_from_the_datasets_recipe(small_features: Path, tmp_
     assert "training settings:" not in r.output
     plain = InferenceModel(tmp_path / "plain" / "artifact").config
     assert plain.bottom_dims != (256,) or plain.num_experts != 8
+
+
+def test_the_kuairand_pipeline_trains_the_recipes_model() -> None:
+    """``ranker pipeline run --config kuairand`` trains what the ablation chose: the recipe's model and
+    optimiser (the pipeline keeps its own epochs, seed and devices)."""
+    from pipelines.config import bundled_config, load_pipeline_config
+
+    train = load_pipeline_config(bundled_config("kuairand")).train
+    fields, shape = load_recipe(recipe_path("kuairand"), "mmoe")  # type: ignore[arg-type]  # bundled
+    assert train["model"] == "mmoe"
+    got = {k: tuple(v) if isinstance(v, list) else v for k, v in train["model_config"].items()}
+    assert got == shape
+    for key in ("lr", "batch_size", "embedding_lr", "lr_schedule", "warmup_steps", "weight_decay", "monitor",
+                "monitor_mode"):
+        assert train.get(key) == fields.get(key), key

@@ -1,0 +1,64 @@
+"""benchmarks/quality.py: options split into model and training fields, the report's verdicts and peer rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pipelines.train_config import TrainConfig
+from ranking.config import ModelConfig
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("quality_ablation", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_option_names_real_fields(quality: ModuleType) -> None:
+    model_fields = set(ModelConfig.__dataclass_fields__)
+    train_fields = set(TrainConfig.__dataclass_fields__)
+    for name, option in quality.OPTIONS.items():
+        for key in option:
+            if key.startswith("train."):
+                assert key.removeprefix("train.") in train_fields, (name, key)
+            else:
+                assert key in model_fields, (name, key)
+    for before in quality.BEFORE.values():
+        assert set(before) <= model_fields
+
+
+def _row(option: str, seed: int, click: float, like: float) -> dict[str, object]:
+    return {"option": option, "seed": seed, "wall_s": 10.0,
+            "test": {"income": {"auc": click}, "never_married": {"auc": like}}}
+
+
+def test_the_table_marks_wins_and_losses_beyond_twice_the_seed_sd_and_lists_peers(quality: ModuleType,
+                                                                                tmp_path: Path) -> None:
+    rows = [_row("baseline", s, 0.9495 + d, 0.9948) for s, d in ((1, 0.0), (2, 0.0002), (3, -0.0002))]
+    rows += [_row("feature_gate", s, 0.9505 + d, 0.9948 + d) for s, d in ((1, 0.0), (2, 0.0001), (3, -0.0001))]
+    rows += [_row("cosine", s, 0.9490 + d, 0.9948) for s, d in ((1, 0.0), (2, 0.0009), (3, -0.0009))]
+    peers = [{"option": "torch-rechub SharedBottom", "seed": 2022, "wall_s": 5.0,
+              "test": {"income": 0.9493, "never_married": 0.9947}}]
+    cost = {"feature_gate": {"s_per_epoch": 4.25, "ms_per_step": 21.8}}
+    text = quality.table("census", rows, peers, cost)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert "wins 1, loses 0 of 2" in lines["feature_gate"]  # +0.0010 income beyond 2 sd (0.0004); marital tied
+    assert "(+0.0010)" in lines["feature_gate"] and "4.2 (21.8)" in lines["feature_gate"]
+    assert "wins 0, loses 0 of 2" in lines["cosine"]  # -0.0005, inside its own 2 sd (0.0018)
+    assert lines["peer: torch-rechub SharedBottom"].count("0.9493") == 1 and "wins" not in lines[
+        "peer: torch-rechub SharedBottom"]
+    (tmp_path / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quality.report(tmp_path, tmp_path / "quality.md")
+    assert "## census (seeds 1, 2, 3)" in (tmp_path / "quality.md").read_text()
