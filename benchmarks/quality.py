@@ -198,6 +198,7 @@ def peer_rows(dataset: str, work: Path) -> list[dict[str, Any]]:
         got = [json.loads(f.read_text()) for f in files]
         return [{"option": f"{r['library'].split()[0]} {r['model']}", "seed": r["args"]["seed"],
                  "test": r["test_at_best"], "best_epoch": r["best_val_epoch"],
+                 "val_mean_auc": [r["val_at_best"]["mean_auc"]],
                  "wall_s": r["train_time_s"] + r["eval_time_s"]} for r in got]
     names = STUDY._benchmark("census").PEER_TASKS
     files = [f for f in sorted((peers / "results").glob("*.json")) if not f.stem.endswith("_tp")]
@@ -207,13 +208,23 @@ def peer_rows(dataset: str, work: Path) -> list[dict[str, Any]]:
              "wall_s": r["train_time_s"] + r["eval_time_s"]} for r in got]
 
 
+def _val_mean(row: dict[str, Any]) -> float | None:
+    """The validation mean AUC a run was selected by (its best epoch's), None where the row has none."""
+    if "val_mean_auc" in row:  # KuaiRand: per epoch
+        return max(row["val_mean_auc"])
+    if isinstance(row.get("val"), dict):  # census: per task at the best epoch
+        return statistics.mean(row["val"].values())
+    return None
+
+
 def table(dataset: str, rows: list[dict[str, Any]], peers: list[dict[str, Any]] | None = None,
           cost: dict[str, dict[str, Any]] | None = None) -> str:
     """Test metrics at the best validation epoch, mean ± sd over seeds; Δ and verdict against baseline,
     then the peers' rows (same machine) with Δ of the best of ours against them."""
     tasks = TASKS[dataset]
     metrics = ("auc", "gauc") if dataset == "kuairand" else ("auc",)
-    head = ["option", "seeds", *[f"{t} {m}" for t in tasks for m in metrics], "verdict vs baseline", "wall s / run",
+    head = ["option", "seeds", "val mean AUC (selects)", *[f"{t} {m}" for t in tasks for m in metrics],
+            "verdict vs baseline", "wall s / run",
             "train s / epoch (ms / step)", *(["serving µs / cand @100, @1"] if dataset == "kuairand" else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {name: [r for r in rows if r["option"] == name] for name in OPTIONS}
@@ -223,7 +234,8 @@ def table(dataset: str, rows: list[dict[str, Any]], peers: list[dict[str, Any]] 
     for name, runs in by.items():
         if not runs:
             continue
-        cells = [name, str(len(runs))]
+        val = [v for v in map(_val_mean, runs) if v is not None]
+        cells = [name, str(len(runs)), STUDY._stat(val) if val else ""]
         wins = losses = 0
         for t in tasks:
             for m in metrics:
@@ -259,6 +271,8 @@ def report(work: Path, out: Path) -> None:
              "    .venv/bin/python benchmarks/quality.py --report --work W", "",
              f"- written {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores; "
              "test metrics at the best validation epoch, mean ± sd over seeds;",
+             "- val mean AUC: the mean validation AUC of the selected epoch, mean ± sd over seeds: the winner is "
+             "the option with the highest (validation only; test is read once per run, after selection);",
              "- verdict: metrics where the mean differs from the baseline's by more than twice the larger seed sd;",
              "- wall s / run: whole runs, some with other jobs on the 2 cores: not a cost comparison;",
              "- train s / epoch: `--cost`, training steps alone (forward, backward, Adam) at 1 thread on the idle "

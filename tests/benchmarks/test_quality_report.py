@@ -40,7 +40,7 @@ def test_every_option_names_real_fields(quality: ModuleType) -> None:
 
 
 def _row(option: str, seed: int, click: float, like: float) -> dict[str, object]:
-    return {"option": option, "seed": seed, "wall_s": 10.0,
+    return {"option": option, "seed": seed, "wall_s": 10.0, "val": {"income": click, "never_married": like},
             "test": {"income": {"auc": click}, "never_married": {"auc": like}}}
 
 
@@ -54,6 +54,7 @@ def test_the_table_marks_wins_and_losses_beyond_twice_the_seed_sd_and_lists_peer
     cost = {"feature_gate": {"s_per_epoch": 4.25, "ms_per_step": 21.8}}
     text = quality.table("census", rows, peers, cost)
     lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert "| 0.9727 ± 0.0001 |" in lines["feature_gate"]  # the validation mean AUC that selects
     assert "wins 1, loses 0 of 2" in lines["feature_gate"]  # +0.0010 income beyond 2 sd (0.0004); marital tied
     assert "(+0.0010)" in lines["feature_gate"] and "4.2 (21.8)" in lines["feature_gate"]
     assert "wins 0, loses 0 of 2" in lines["cosine"]  # -0.0005, inside its own 2 sd (0.0018)
