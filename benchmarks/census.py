@@ -65,7 +65,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "single_task": {"bottom_dims": (256,), "expert_dims": (64,), "tower_dims": (32,)},
     "shared_bottom": {"bottom_dims": (256,), "expert_dims": (128,), "tower_dims": (32,)},
     "omoe": {"bottom_dims": (256,), "num_experts": 8, "expert_dims": (64,), "tower_dims": (32,)},
-    "mmoe": {"bottom_dims": (256,), "num_experts": 8, "expert_dims": (64,), "tower_dims": (32,)},
+    # the quality ablation's winner (benchmarks/results/quality.md): a field-wise feature gate on the input
+    "mmoe": {"bottom_dims": (256,), "num_experts": 8, "expert_dims": (64,), "tower_dims": (32,),
+             "feature_gate_dim": 64},
     "ple": {"bottom_dims": (256,), "num_task_experts": 2, "num_shared_experts": 4, "ple_levels": 2,
             "expert_dims": (64,), "tower_dims": (32,)},
 }
