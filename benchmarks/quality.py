@@ -217,6 +217,25 @@ def _val_mean(row: dict[str, Any]) -> float | None:
     return None
 
 
+def winner(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(option, why): the highest mean validation AUC; a combination (a name with ``+``) must beat the
+    best single option by more than its own seed sd, or that single option wins (its extra parts buy
+    nothing the seeds can tell)."""
+    means: dict[str, tuple[float, float]] = {}
+    for name in OPTIONS:
+        val = [v for r in rows if r["option"] == name and (v := _val_mean(r)) is not None]
+        if val:
+            means[name] = (statistics.mean(val), statistics.stdev(val) if len(val) > 1 else 0.0)
+    best = max(means, key=lambda n: means[n][0])
+    singles = [n for n in means if "+" not in n]
+    if "+" in best and singles:
+        single = max(singles, key=lambda n: means[n][0])
+        if means[best][0] - means[single][0] <= means[best][1]:
+            return single, (f"{best} has the highest validation mean AUC ({means[best][0]:.5f}), but within its "
+                            f"seed sd ({means[best][1]:.5f}) of {single} ({means[single][0]:.5f})")
+    return best, f"the highest validation mean AUC ({means[best][0]:.5f} ± {means[best][1]:.5f})"
+
+
 def table(dataset: str, rows: list[dict[str, Any]], peers: list[dict[str, Any]] | None = None,
           cost: dict[str, dict[str, Any]] | None = None) -> str:
     """Test metrics at the best validation epoch, mean ± sd over seeds; Δ and verdict against baseline,
@@ -287,6 +306,8 @@ def report(work: Path, out: Path) -> None:
             peers = peer_rows(dataset, work)
             cost = {r["option"]: r for r in STUDY.done_rows(work / f"{dataset}_cost.jsonl")}
             parts += [f"## {dataset} (seeds {', '.join(map(str, seeds))})", "", table(dataset, rows, peers, cost), ""]
+            chosen, why = winner(rows)
+            parts += [f"**Winner (validation only): {chosen}**: {why}.", ""]
             if peers:
                 parts += ["peer rows: the libraries' own drivers (`shared/peers`) on this machine, in `--peers`'s "
                           "run (2 threads each; wall s = their training and scoring passes); census's driver has "

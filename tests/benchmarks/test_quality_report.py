@@ -63,3 +63,15 @@ def test_the_table_marks_wins_and_losses_beyond_twice_the_seed_sd_and_lists_peer
     (tmp_path / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     quality.report(tmp_path, tmp_path / "quality.md")
     assert "## census (seeds 1, 2, 3)" in (tmp_path / "quality.md").read_text()
+
+
+def test_the_winner_is_chosen_on_validation_and_a_combination_must_beat_its_parts(quality: ModuleType) -> None:
+    rows = [_row("baseline", s, 0.9495, 0.9948) for s in (1, 2)]
+    rows += [_row("feature_gate", s, 0.9505 + d, 0.9948) for s, d in ((1, 0.0), (2, 0.0002))]
+    rows += [_row("cosine", s, 0.9490, 0.9948) for s in (1, 2)]
+    assert quality.winner(rows)[0] == "feature_gate"
+    close = [_row("feature_gate+cross_full", s, 0.9506 + d, 0.9948) for s, d in ((1, 0.0), (2, 0.0006))]
+    name, why = quality.winner(rows + close)
+    assert name == "feature_gate" and "within its seed sd" in why  # +0.0002 on validation, sd 0.0003
+    clear = [_row("feature_gate+cross_full", s, 0.9530 + d, 0.9948) for s, d in ((1, 0.0), (2, 0.0002))]
+    assert quality.winner(rows + clear)[0] == "feature_gate+cross_full"
