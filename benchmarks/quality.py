@@ -308,6 +308,12 @@ def report(work: Path, out: Path) -> None:
             parts += [f"## {dataset} (seeds {', '.join(map(str, seeds))})", "", table(dataset, rows, peers, cost), ""]
             chosen, why = winner(rows)
             parts += [f"**Winner (validation only): {chosen}**: {why}.", ""]
+            if not peers and dataset == "census":
+                parts += ["peers: not in this run (`--peers --dataset census` runs them; at 10 epochs of their "
+                          "per-sample loaders they take about an hour on this box). Their driver is seeded (2022): "
+                          "`benchmarks/results/census.md` (2026-11-22) has torch-rechub MMOE 0.9482 / 0.9946, "
+                          "SharedBottom 0.9493 / 0.9947, deepctr-torch MMOE 0.9455 / 0.9943, SharedBottom "
+                          "0.9463 / 0.9943 (income / never-married test AUC).", ""]
             if peers:
                 parts += ["peer rows: the libraries' own drivers (`shared/peers`) on this machine, in `--peers`'s "
                           "run (2 threads each; wall s = their training and scoring passes); census's driver has "
