@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
-import importlib.util
 import math
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "correlation.py"
-
 
 @pytest.fixture(scope="module")
-def study() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("correlation_study", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+def study(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("correlation")
 
 
 def test_doctests_pass(study: ModuleType) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -13,17 +12,10 @@ import pytest
 from pipelines.train_config import TrainConfig
 from ranking.config import ModelConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
-
 
 @pytest.fixture(scope="module")
-def quality() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("quality_ablation", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def quality(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("quality")
 
 
 def test_every_option_names_real_fields(quality: ModuleType) -> None:
