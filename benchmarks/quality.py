@@ -56,6 +56,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "cross_full+cosine": {"cross_layers": 2, "train.lr_schedule": "cosine"},
     "feature_gate+cross_full": {"feature_gate_dim": 64, "cross_layers": 2},
     "feature_gate+cross_low_rank": {"feature_gate_dim": 64, "cross_layers": 3, "cross_rank": 64},
+    # the optimiser on KuaiRand's winner: the embedding lr chosen on validation on 2026-11-30, dense L2
+    "cross_full+embedding_lr_3e-3": {"cross_layers": 2, "train.embedding_lr": 3e-3},
+    "cross_full+weight_decay_1e-4": {"cross_layers": 2, "train.weight_decay": 1e-4},
 }
 # The first round's options (report: benchmarks/results/quality_first_options.md, rows not kept).
 FIRST_ROUND = ("tower_bn", "swish", "tower_bn+swish", "bottom_256", "dropout_0.1")
