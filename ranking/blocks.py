@@ -48,6 +48,7 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.out_dim = in_dim
         self.activation = activation
+        self.norm = norm
 
 
 class Expert(MLP):
@@ -145,7 +146,7 @@ def run_stacked(mlps: Sequence[MLP], x: torch.Tensor) -> torch.Tensor:
         True
     """
     n, b = len(mlps), x.shape[0]
-    if n and any(isinstance(m, nn.BatchNorm1d) for m in mlps[0]):  # per-MLP batch statistics: one by one
+    if n and mlps[0].norm == "batch":  # per-MLP batch statistics: one by one
         return torch.stack([m(x) for m in mlps], dim=1)  # (B, N, Do)
     layers = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in mlps]  # N x L linears
     if not layers or not layers[0]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -13,6 +17,24 @@ from features.synthetic import SynthConfig, write_log
 SMALL = SynthConfig(days=3, users=200, items=3000, requests_per_day=200, slate_size=10, seed=7)
 KUAIRAND = Path(__file__).resolve().parents[2] / "shared" / "data" / "kuairand_pure_subset"  # CI has it
 KUAIRAND_LOG = "log_standard_20220425_to_20220508.parquet"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark_script(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the folder holds scripts, not a package), registered in
+    ``sys.modules``, which dataclasses need to resolve their module."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def load_benchmark() -> Callable[[str], ModuleType]:
+    """``load_benchmark("quality")``: :func:`load_benchmark_script` as a fixture."""
+    return load_benchmark_script
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,9 @@
 the benchmark's settings (printed), command-line options override them, ``--config`` or
 ``--no-recipe`` starts elsewhere; and the recipes are the benchmarks' own settings."""
 
-import importlib.util
 import json
 import shutil
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -17,22 +16,11 @@ from pipelines.train_config import RECIPE_DIR, features_dataset, load_recipe, re
 from ranking.config import MODEL_KINDS
 from ranking.inference import InferenceModel
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _benchmark(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("dataset", ["census", "kuairand"])
-def test_the_recipes_are_the_benchmarks_settings(dataset: str) -> None:
+def test_the_recipes_are_the_benchmarks_settings(dataset: str, load_benchmark: Callable[[str], ModuleType]) -> None:
     """What RESULTS.md records is what the recipe gives: the same optimiser, epochs and model shapes."""
-    bench = _benchmark(dataset)
+    bench = load_benchmark(dataset)
     path = recipe_path(dataset)
     assert path is not None and path.parent == RECIPE_DIR
     for model, shape in bench.MODELS.items():
