@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
+EXTRAS := $(VENV)/.installed-extras
 TORCH_STACK := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 
 .PHONY: setup demo test lint typecheck protos clean mlflow-ui
@@ -29,7 +30,13 @@ demo: setup
 mlflow-ui: setup
 	@$(PY) -m pipelines.ui
 
-test: setup
+# The optional engines the tests exercise (Ray Data, the PostgreSQL driver), on top of the default
+# install and pinned by it (requirements/cpu.txt as constraints: nothing installed moves).
+$(EXTRAS): $(STAMP)
+	$(PIP) install -q -c requirements/cpu.txt --no-build-isolation -e ".[ray,postgres]"
+	touch $(EXTRAS)
+
+test: setup $(EXTRAS)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy features ranking serving pipelines

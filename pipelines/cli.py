@@ -350,8 +350,9 @@ def serve_cmd(
     model: Annotated[str, typer.Option(help="models:/name@alias, models:/name/version or a folder.")] = (
         "models:/ranker@champion"
     ),
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every one, as in a container).")] = (
+        serve_defaults.HOST),
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = serve_defaults.PORT,
     tracking_uri: Annotated[str | None, typer.Option(
         help="MLflow tracking URI of an existing store (never created here).", show_default=STORE_DEFAULT)] = None,
     max_candidates: Annotated[int, typer.Option(help="Most candidates per request.")] = serve_defaults.MAX_CANDIDATES,
@@ -376,6 +377,14 @@ def serve_cmd(
         help="PEM private key (with --tls-cert).", show_default="none: plaintext")] = None,
     max_message_mb: Annotated[int, typer.Option(help="Largest request or response message (MiB).")] = (
         serve_defaults.MAX_MESSAGE_MB),
+    drain_s: Annotated[float, typer.Option(
+        help="On SIGTERM: health NOT_SERVING at once, then serve this long while health-checking clients move "
+             "away, before refusing new calls (s).")] = serve_defaults.DRAIN_S,
+    grace_s: Annotated[float, typer.Option(
+        help="After the drain: requests in flight get this long to finish (s).")] = serve_defaults.GRACE_S,
+    max_connection_age_s: Annotated[float, typer.Option(
+        help="Close client connections older than this with GOAWAY (they reconnect without failing a call, "
+             "re-resolving a headless Service onto new replicas); 0 = never.")] = serve_defaults.MAX_CONNECTION_AGE_S,
     log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
     torch_threads: Annotated[int, typer.Option(help="Threads of one forward pass (forwards run one at a time).")] = 1,
     ready_file: Annotated[Path | None, typer.Option(
@@ -441,6 +450,7 @@ def serve_cmd(
                                max_queue=max_queue, max_queue_wait_us=round(max_queue_wait_ms * 1000),
                                enabled=batching),
         reload_interval_s=reload_interval_s, metrics_port=metrics_port, compile=compile, experts_k=experts_k,
+        max_connection_age_s=max_connection_age_s, drain_s=drain_s, grace_s=grace_s,
     )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line, not a bar
     with reading("model", model), _quiet("serving"):
@@ -492,7 +502,8 @@ def _setup_serve_process(log_format: str, torch_threads: int) -> None:
 
 @app.command("rank")
 def rank_cmd(
-    target: Annotated[str, typer.Option(help="host:port of a running `ranker serve`.")] = "127.0.0.1:50051",
+    target: Annotated[str, typer.Option(help="host:port of a running `ranker serve`.")] = (
+        f"{serve_defaults.HOST}:{serve_defaults.PORT}"),
     log: Annotated[Path | None, typer.Option(
         help="Take the request from this raw log (or give --request).", show_default="none")] = None,
     request: Annotated[Path | None, typer.Option(
@@ -511,13 +522,7 @@ def rank_cmd(
         raise ValueError("give exactly one of --log or --request")
     if log is not None and not log.exists():
         raise ValueError(f"--log {str(log)!r}: no such file or folder")
-    weights = {}
-    for w in weight or []:
-        name, _, value = w.partition("=")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ValueError(f"--weight expects name=number, got {w!r}") from None
+    weights = _weights(weight or [])
     import grpc
 
     from features.spec import load_spec
@@ -539,6 +544,80 @@ def rank_cmd(
         typer.echo(f"error: ranker at {target!r}: {e.code().name}: {_one_line(str(e.details()))}", err=True)
         raise typer.Exit(1) from None
     typer.echo(format_ranking(resp, limit=top_k or len(resp.candidates)))
+
+
+def _weights(given: list[str]) -> dict[str, float]:
+    """``--weight name=value`` options -> {name: value} (the model checks the names and values)."""
+    weights = {}
+    for w in given:
+        name, _, value = w.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--weight expects name=number, got {w!r}") from None
+    return weights
+
+
+@app.command("score")
+def score_cmd(
+    model: Annotated[str, typer.Option(help="models:/name@alias, models:/name/version or an artifact folder.")],
+    input: Annotated[Path, typer.Option(
+        help="The raw impression log: a Parquet file or a (date-partitioned) folder, or the dataset's own files "
+             "(KuaiRand, census) for a model of that dataset.")],
+    out: Annotated[Path, typer.Option(help="Output folder: part-*.parquet, quarantine.parquet, summary.json.")],
+    engine: Annotated[str, typer.Option(help="polars (this process) or ray (Ray Data; pip install -e .[ray]).")] = (
+        "polars"),
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (ray://host:10001, auto); with --engine ray.",
+        show_default="RAY_ADDRESS, else a local Ray")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Ray actors scoring in parallel (each loads the model once); with --engine ray.",
+        show_default="the cluster's CPUs")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI of an existing store (for models:/ URIs).", show_default=STORE_DEFAULT)] = None,
+    weight: Annotated[list[str] | None, typer.Option(
+        help="Objective weight of the combined score, name=value (repeatable).",
+        show_default="the model's serving weights")] = None,
+    batch_rows: Annotated[int, typer.Option(help="Rows scored at a time (memory is bounded by one batch).")] = (
+        65_536),
+) -> None:
+    """Score a raw impression log with a model: each row's objective scores and combined score, as
+    ranker serve answers them (backfills, offline evaluation, precomputed scores)."""
+    if engine not in ("polars", "ray"):
+        raise ValueError(f"--engine must be polars or ray, got {engine!r}")
+    if batch_rows < 1:
+        raise ValueError(f"--batch-rows must be >= 1, got {batch_rows}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if engine != "ray" and (ray_address is not None or workers is not None):
+        raise ValueError("--ray-address and --workers go with --engine ray")
+    if not input.exists():
+        raise ValueError(f"--input {str(input)!r}: no such file or folder")
+    _out_folder(out)
+    weights = _weights(weight or [])
+    local = "://" not in model and ":/" not in model
+    if local and not Path(model).is_dir():
+        raise ValueError(f"model uri {model!r} is neither an MLflow URI nor an existing folder")
+    store = None
+    if not local:
+        from pipelines.tracking import check_reachable, default_tracking_uri
+
+        store = tracking_uri or default_tracking_uri()
+        with reading("tracking store", store):
+            store = check_reachable(store)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from pipelines.score import open_model, score_log
+
+    with _quiet("serving"):
+        opened = open_model(model, store, weights or None)  # a bad weight is refused before any log line
+    _setup_logging()
+    if engine == "ray":
+        from pipelines.score_ray import score_log_ray
+
+        summary = score_log_ray(opened, input, out, batch_rows=batch_rows, address=ray_address, workers=workers)
+    else:
+        summary = score_log(opened, input, out, batch_rows=batch_rows)
+    typer.echo(summary.line(out))
 
 
 def _read_request(path: Path | None) -> Any:

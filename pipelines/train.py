@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from mlflow.entities import Metric
 
 from pipelines import quiet
 from pipelines.plots import choice_heatmap, gate_heatmap, routing_heatmap
+from pipelines.pyfunc import save_pyfunc
 from pipelines.tracking import (
     check_tracking_uri,
     close_failed,
@@ -254,7 +256,9 @@ def _fit_and_export(cfg: TrainConfig, mconf: ModelConfig, logger: MLFlowLogger, 
         {"model_name": cfg.register_as or "", "run_id": run_id, "metrics": metrics, "best_epoch": result.best_epoch},
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    client.log_artifacts(run_id, str(artifact), artifact_path="model")
+    with tempfile.TemporaryDirectory(prefix="ranker-mlmodel-") as tmp:  # an MLflow Model holding the artifact
+        client.log_artifacts(run_id, str(save_pyfunc(artifact, Path(tmp) / "model", cfg.features)),
+                             artifact_path="model")
     client.log_artifact(run_id, str(out / "metrics.json"))
     version = None
     window = result.fitted.window

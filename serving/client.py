@@ -22,6 +22,7 @@ Shape letters: K returned candidates.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +36,39 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.ranking.v1 import ranker_pb2 as pb
 from protos.ranking.v1 import ranker_pb2_grpc as pb_grpc
+from serving import defaults
 
-SERVICE_NAME = "ranking.v1.Ranker"
+SERVICE_NAME = defaults.HEALTH_SERVICE  # "ranking.v1.Ranker"
+
+# How a client spreads calls over several replicas (one address each, e.g. the A records of a headless
+# Kubernetes Service behind ``dns:///ranker-headless.<namespace>.svc.cluster.local:50051``):
+# * round_robin over every resolved address (gRPC's default, pick_first, sends everything to one);
+# * client-side health checking: a replica that says NOT_SERVING (the first thing it does on SIGTERM)
+#   gets no new call, before its connection even closes;
+# * a retry on UNAVAILABLE (Rank is read-only, so safe to repeat): a call that met a replica going
+#   away is sent again, to another one, within the call's own deadline;
+# * reconnect backoff capped at 1 s, so a restarted replica is back in the rotation within a second.
+BALANCED_SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": SERVICE_NAME},
+    "methodConfig": [{
+        "name": [{"service": SERVICE_NAME}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.02s", "maxBackoff": "0.2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
+
+
+def balanced_channel_options() -> list[tuple[str, Any]]:
+    """gRPC channel options for calls spread over several replicas (see ``BALANCED_SERVICE_CONFIG``).
+
+    Example:
+        >>> channel = grpc.insecure_channel("ipv4:10.0.0.5:50051,10.0.0.6:50051", balanced_channel_options())
+        >>> channel.close()
+    """
+    return [("grpc.service_config", json.dumps(BALANCED_SERVICE_CONFIG)), ("grpc.enable_retries", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.dns_min_time_between_resolutions_ms", 1000)]
 
 
 def _is_int(v: Any) -> bool:
@@ -140,12 +172,15 @@ class RankerClient:
     """A blocking client over one insecure channel; use it as a context manager.
 
     Args:
-        target: ``host:port`` of the server (e.g. ``"127.0.0.1:50051"``).
+        target: ``host:port`` of the server (e.g. ``"127.0.0.1:50051"``), or any gRPC target
+            (``dns:///ranker-headless.default.svc.cluster.local:50051``, ``ipv4:10.0.0.5:50051,10.0.0.6:50051``).
+        balanced: spread calls over every address the target resolves to, with health checks and
+            retries (:func:`balanced_channel_options`); False: gRPC's defaults (one connection).
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, balanced: bool = False) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, balanced_channel_options() if balanced else None)
         self._ranker = pb_grpc.RankerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

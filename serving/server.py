@@ -51,6 +51,8 @@ from serving.observability import ServerMetrics, start_metrics_server
 log = logging.getLogger("serving")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Ranker"].full_name  # "ranking.v1.Ranker"
+if SERVICE_NAME != defaults.HEALTH_SERVICE:  # the deployment's probes ask for the name in defaults
+    raise ImportError(f"serving.defaults.HEALTH_SERVICE {defaults.HEALTH_SERVICE!r} is not the API's {SERVICE_NAME!r}")
 _HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the server as a whole
 
 
@@ -73,9 +75,17 @@ class ServerOptions:
             thread, then a cached package; eager when it fails or disagrees).
         experts_k: experts per row for every model this server loads (``InferenceModel``); 0 =
             each artifact's ``gate.serving_k``, else as trained.
+        max_connection_age_s: close a client connection this old with GOAWAY (gRPC's
+            ``grpc.max_connection_age_ms``, with :attr:`grace_s` for the calls on it to finish): the
+            client reconnects at once without failing a call, and a client balancing over a headless
+            Service re-resolves, so replicas added since get their share; 0 = never (gRPC's default).
+        drain_s: on SIGTERM (:func:`serve`), the seconds between health going NOT_SERVING and the
+            server refusing new calls: clients that watch health (``serving.client.BALANCED_SERVICE_CONFIG``)
+            send their new calls elsewhere meanwhile, and the calls that still come are served.
+        grace_s: at shutdown, the seconds calls in flight get to finish (also the connection-age grace).
     """
 
-    host: str = "127.0.0.1"
+    host: str = defaults.HOST
     port: int = 0
     max_candidates: int = DEFAULT_MAX_CANDIDATES
     max_message_bytes: int = defaults.MAX_MESSAGE_MB * 1024 * 1024
@@ -87,6 +97,9 @@ class ServerOptions:
     reuse_port: bool = False
     compile: bool = False
     experts_k: int = 0
+    max_connection_age_s: float = defaults.MAX_CONNECTION_AGE_S
+    drain_s: float = defaults.DRAIN_S
+    grace_s: float = defaults.GRACE_S
 
     def __post_init__(self) -> None:
         if self.experts_k < 0:
@@ -107,6 +120,10 @@ class ServerOptions:
             raise ValueError(f"reload_interval_s must be finite and >= 0, got {self.reload_interval_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        for name in ("max_connection_age_s", "drain_s", "grace_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -371,7 +388,7 @@ class RankingServer:
             )
         return loaded
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float = defaults.GRACE_S) -> None:
         """NOT_SERVING, stop accepting RPCs, give those in flight ``grace_s`` seconds to finish."""
         log.info("stopping port=%d grace=%.1fs", self.port, grace_s)
         if self._stop_polling is not None and self._polling is not None:
@@ -474,6 +491,9 @@ def create_server(holder: ModelHolder, options: ServerOptions | None = None, **o
               ("grpc.max_send_message_length", opts.max_message_bytes)]
     if opts.reuse_port:
         limits.append(("grpc.so_reuseport", 1))
+    if opts.max_connection_age_s > 0:
+        limits += [("grpc.max_connection_age_ms", round(opts.max_connection_age_s * 1000)),
+                   ("grpc.max_connection_age_grace_ms", round(opts.grace_s * 1000))]
     server = grpc.aio.server(options=limits)
     metrics = ServerMetrics()
     holder.listeners.append(_reload_listener(metrics))
@@ -529,7 +549,7 @@ async def start_server(
 async def serve(
     model_uri: str,
     tracking_uri: str | None = None,
-    grace_s: float = 5.0,
+    grace_s: float | None = None,
     ready_file: str | None = None,
     options: ServerOptions | None = None,
     on_serving: Callable[[RankingServer], None] | None = None,
@@ -540,7 +560,7 @@ async def serve(
     Args:
         model_uri: artifact folder or MLflow URI (``models:/ranker@champion``).
         tracking_uri: MLflow tracking/registry URI for MLflow model URIs.
-        grace_s: seconds requests in flight get to finish at shutdown.
+        grace_s: seconds requests in flight get to finish at shutdown; None = ``options.grace_s``.
         ready_file: once SERVING, the bound port is written here (atomically) for scripts to wait on.
         options, overrides: see :class:`ServerOptions` (``host``, ``port``, ``max_candidates``, ...).
         on_serving: called once SERVING, after ``ready_file`` (a worker of ``serving.workers``
@@ -561,11 +581,14 @@ async def serve(
         loop.add_signal_handler(sig, stopping.set)
     try:
         await stopping.wait()
-        log.info("signal received; shutting down")
+        drain_s = rs.options.drain_s
+        log.info("signal received; NOT_SERVING, draining %.1fs, then shutting down", drain_s)
+        await rs.health.enter_graceful_shutdown()  # health-checking clients stop sending here
+        await asyncio.sleep(drain_s)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await rs.stop(grace_s)
+        await rs.stop(rs.options.grace_s if grace_s is None else grace_s)
 
 
 async def _set_health(health: health_aio.HealthServicer, status: Any) -> None:

@@ -261,12 +261,12 @@ class _Supervisor:
                     self._restart(slot)
 
     def stop(self) -> None:
-        """SIGTERM to every worker, wait ``grace_s + kill_after_s`` (or a second signal), SIGKILL the rest."""
+        """SIGTERM to every worker, wait ``drain_s + grace_s + kill_after_s`` (or a second signal), SIGKILL the rest."""
         alive = [s for s in self._slots if s.process.exitcode is None]
         log.info("stopping workers=%d", len(alive))
         for slot in alive:
             slot.process.terminate()  # SIGTERM: NOT_SERVING, requests in flight get grace_s
-        deadline = time.monotonic() + self.launch.grace_s + self.pool.kill_after_s
+        deadline = time.monotonic() + self.launch.options.drain_s + self.launch.grace_s + self.pool.kill_after_s
         while any(s.process.exitcode is None for s in alive) and time.monotonic() < deadline and self.signals < 2:
             wait([s.process.sentinel for s in alive if s.process.exitcode is None], timeout=_TICK_S)
         for slot in self._slots:
@@ -399,7 +399,7 @@ def _merged_metrics(options: ServerOptions) -> Iterator[WorkerMetrics | None]:
 def serve_workers(
     model_uri: str,
     tracking_uri: str | None = None,
-    grace_s: float = 5.0,
+    grace_s: float | None = None,
     ready_file: str | None = None,
     options: ServerOptions | None = None,
     pool: PoolOptions | None = None,
@@ -412,7 +412,8 @@ def serve_workers(
     Args:
         model_uri: artifact folder or MLflow URI; every worker loads (and hot-reloads) it itself.
         tracking_uri: MLflow tracking/registry URI for MLflow model URIs.
-        grace_s: seconds requests in flight get to finish in each worker at shutdown.
+        grace_s: seconds requests in flight get to finish in each worker at shutdown; None =
+            ``options.grace_s``.
         ready_file: once every worker is SERVING, the bound port is written here (atomically).
         options: the workers' :class:`~serving.server.ServerOptions`; ``port`` 0 picks one free port
             for all of them; ``metrics_port`` is served by the supervisor, merged over the workers.
@@ -428,7 +429,8 @@ def serve_workers(
     pool = pool or PoolOptions()
     with _reserved_port(opts.host, opts.port) as port, _merged_metrics(opts) as metrics:
         worker_opts = dataclasses.replace(opts, port=port, reuse_port=True, metrics_port=None)
-        launch = _Launch(model_uri, tracking_uri, grace_s, worker_opts, setup, os.getpid())
+        grace = opts.grace_s if grace_s is None else grace_s
+        launch = _Launch(model_uri, tracking_uri, grace, worker_opts, setup, os.getpid())
         supervisor = _Supervisor(launch, pool, metrics)
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {sig: signal.signal(sig, supervisor.on_signal) for sig in handled}
