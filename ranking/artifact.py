@@ -82,13 +82,23 @@ def export_artifact(
     return out
 
 
+def resolve_artifact(path: str | Path) -> Path:
+    """The artifact folder ``path`` names: itself, or the artifact inside an MLflow Model folder (an
+    ``MLmodel`` file beside it: what a registered version downloads as, see ``pipelines.pyfunc``)."""
+    path = Path(path)
+    if (path / "MLmodel").is_file() and not all((path / m).is_file() for m in ARTIFACT_MARKERS):
+        return find_artifact(path, str(path))
+    return path
+
+
 def load_artifact(path: str | Path) -> tuple[RankingModel, ModelConfig, FittedTransform, dict[str, Any]]:
-    """Rebuild (network in eval mode, config, fitted transform, metadata) from an artifact folder.
+    """Rebuild (network in eval mode, config, fitted transform, metadata) from an artifact folder
+    (or an MLflow Model folder holding one: :func:`resolve_artifact`).
 
     Raises:
         ValueError: a file is missing, the format is unknown or the weights do not match the config.
     """
-    path = Path(path)
+    path = resolve_artifact(path)
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise ValueError(f"not an inference artifact: {str(path)!r} lacks {missing}")

@@ -33,7 +33,7 @@ import torch
 import features.plan as plan_module
 import ranking.fused as fused_module
 from features.plan import ServingPlan
-from ranking.artifact import load_artifact
+from ranking.artifact import load_artifact, resolve_artifact
 from ranking.batch import FeatureTable
 from ranking.fused import FusedScorer
 from ranking.mmoe import MMoE
@@ -58,8 +58,8 @@ class InferenceModel:
         ``experts_k`` > 0 serves that many experts per row (``ranker serve --experts-k``, see
         ``RankingModel.set_top_k``); 0 takes the artifact's ``gate.serving_k`` (0 there: as trained).
         """
-        self.path = Path(path)
-        self.model, self.config, self.fitted, self.metadata = load_artifact(path)
+        self.path = resolve_artifact(path)  # an MLflow Model folder holds the artifact one level down
+        self.model, self.config, self.fitted, self.metadata = load_artifact(self.path)
         self.experts_k = experts_k or self.config.gate.serving_k
         if self.experts_k:
             try:
