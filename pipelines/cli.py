@@ -262,6 +262,10 @@ def train_cmd(
         help="Lightning accelerator: auto, cpu, gpu.", show_default=TRAIN.accelerator)] = None,
     devices: Annotated[str | None, typer.Option(
         help="Devices per node (e.g. 2, or auto).", show_default=str(TRAIN.devices))] = None,
+    num_nodes: Annotated[int | None, typer.Option(
+        help="Machines taking part; run the same command on each, under torchrun (--nnodes), srun, or with "
+             "MASTER_ADDR, MASTER_PORT and NODE_RANK set. Global rank 0 alone logs, exports and registers.",
+        show_default=str(TRAIN.num_nodes))] = None,
     strategy: Annotated[str | None, typer.Option(
         help="Lightning strategy: auto, ddp or torchrec (sharded tables).", show_default=TRAIN.strategy)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt.")] = False,
@@ -283,6 +287,8 @@ def train_cmd(
     """
     if promote and alias not in (None, "", "champion"):
         raise ValueError(f"--promote moves 'champion'; it cannot go with --alias {alias!r}")
+    if num_nodes is not None and num_nodes < 1:
+        raise ValueError(f"--num-nodes must be >= 1, got {num_nodes}")
     # The local inputs first, before the training stack is imported (seconds) and the store is opened:
     if not (features / "transform.json").is_file():  # read once, by train
         raise ValueError(f"not a features folder (no transform.json): {str(features)!r}")
@@ -292,8 +298,14 @@ def train_cmd(
     from pipelines.tracking import check_reachable, default_tracking_uri
 
     store = tracking_uri or default_tracking_uri()
-    with reading("tracking store", store):
-        uri = check_reachable(store)  # seconds, not MLflow's minutes of retries
+    # Only global rank 0 opens the store: a launcher's other processes, on any node (a non-zero RANK, LOCAL_RANK,
+    # NODE_RANK, GROUP_RANK or SLURM_PROCID: ranking.train.fitting.launched_as_rank_zero, read here without torch).
+    if any(os.environ.get(v, "0").strip() not in ("", "0")
+           for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")):
+        uri = store
+    else:
+        with reading("tracking store", store):
+            uri = check_reachable(store)  # seconds, not MLflow's minutes of retries
     from pipelines.train import train
     from pipelines.train_config import (
         features_dataset,
@@ -318,6 +330,7 @@ def train_cmd(
     overrides = typed_overrides(parse_overrides(set_ or []), "--set")
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "accelerator": accelerator,
              "strategy": strategy, "devices": (int(devices) if devices and devices.isdigit() else devices),
+             "num_nodes": num_nodes,
              "model": model, "experiment": experiment, "register_as": register_as, "alias": alias}
     fields.update({k: v for k, v in given.items() if v is not None})
     for key in ("register_as", "alias"):
@@ -436,7 +449,7 @@ def serve_cmd(
         from pipelines.tracking import check_reachable
 
         with reading("tracking store", store):
-            check_reachable(store)
+            store = check_reachable(store)  # the URI to hand on (a database's driver named), also to workers
 
     from serving.batcher import BatcherConfig
     from serving.holder import ModelHolder

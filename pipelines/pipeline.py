@@ -58,6 +58,7 @@ from pipelines.tracking import (
     RUN_NAME_COLUMN,
     ParquetSplit,
     check_reachable,
+    check_tracking_uri,
     close_failed,
     default_tracking_uri,
     ensure_experiment,
@@ -569,7 +570,7 @@ def _join_training(cfg: PipelineConfig, as_of: date | None, timeout_s: float = 3
         time.sleep(1.0)
     state = ready[-1]
     day = date.fromisoformat(state.data["as_of"])
-    uri = cfg.tracking_uri or default_tracking_uri()
+    uri = check_tracking_uri(cfg.tracking_uri or default_tracking_uri())  # as rank 0 opens it (driver named)
     p = Pipeline(cfg, uri, load_spec(cfg.spec or cfg.source.dataset), day, state.path.parent)
     p.train(str(state.data["parent_run_id"]))
     return PipelineResult("noop", f"rank {distributed_rank()}: trained as part of {p.key}", day)

@@ -63,6 +63,9 @@ MLFLOW_QUIET_LOGGERS = ("mlflow.store.db.utils",)
 # MLflow's tqdm bar for artifact downloads and uploads (read at each call by
 # mlflow.utils.file_utils.ArtifactProgressBar); our own log lines say what was fetched.
 ARTIFACT_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+# With a tracking server, MLflow prints two lines ("View run ... at", "View experiment at") to stdout
+# each time a run ends: fourteen a pipeline night, before its result; the pipeline prints the runs list's link.
+RUN_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 class _DropMessages(logging.Filter):
@@ -106,6 +109,7 @@ def install() -> None:
     _add_once(logging.getLogger(), _DropMessages(ROOT_NOTICES))
     quiet_store()
     os.environ.setdefault(ARTIFACT_BAR_ENV, "false")  # a user who set it keeps their choice
+    os.environ.setdefault(RUN_URL_ENV, "true")
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logger = logging.getLogger(name)

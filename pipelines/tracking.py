@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -45,6 +46,8 @@ WORKFLOW_PARAM = {"workflowType": "machine_learning"}
 SAVED_VIEW_TAG = "mlflow.sharedViewState."
 RUN_NAME_COLUMN, CREATED_COLUMN = "attributes.`Run Name`", "runDateAndNestInfo"  # the UI's ids of both
 ERROR_TAG = "error"
+# URI schemes (before any ``+driver``) of the database servers MLflow can keep its store in.
+DATABASE_SERVERS = ("postgresql", "mysql")
 
 
 def default_tracking_uri() -> str:
@@ -58,13 +61,41 @@ def default_tracking_uri() -> str:
 
 
 def check_tracking_uri(uri: str) -> str:
-    """Refuse the legacy file store (MLflow 3 does too, less clearly) and bare paths."""
+    """Refuse the legacy file store (MLflow 3 does too, less clearly) and bare paths; the URI to open.
+
+    That is ``uri`` itself, except that a ``postgresql://`` URI naming no driver gets the installed
+    one (:func:`with_postgres_driver`), so that any process it is handed to opens it the same way.
+
+    Raises:
+        ValueError: a file store, or a PostgreSQL database with no driver installed, naming the URI.
+    """
     scheme = urlparse(uri).scheme
     if scheme in ("", "file"):
         raise ValueError(
-            f"tracking URI {uri!r} is a file store; use sqlite:///path/to/mlflow.db or an http(s) server"
+            f"tracking URI {uri!r} is a file store; use sqlite:///path/to/mlflow.db, a database "
+            "(postgresql://user@host/db) or an http(s) server"
         )
+    if scheme == "postgresql":
+        return with_postgres_driver(uri)
     return uri
+
+
+def with_postgres_driver(uri: str) -> str:
+    """``postgresql://...`` as ``postgresql+psycopg2://...`` when psycopg2 is installed and psycopg 3 is not.
+
+    SQLAlchemy 2.1 opens a driverless ``postgresql://`` with psycopg 3, while the ``postgres``
+    extra (and many MLflow installs) bring psycopg2: MLflow would fail on ``No module named
+    'psycopg'``. With psycopg 3 installed, or a driver named in the URI, ``uri`` is returned as is.
+
+    Raises:
+        ValueError: neither driver is installed, naming ``uri`` and how to install one.
+    """
+    if not uri.startswith("postgresql://") or importlib.util.find_spec("psycopg") is not None:
+        return uri
+    if importlib.util.find_spec("psycopg2") is None:
+        raise ValueError(f"tracking store {uri!r}: no PostgreSQL driver is installed "
+                         "(pip install -e '.[postgres]', or psycopg[binary])")
+    return "postgresql+psycopg2://" + uri.removeprefix("postgresql://")
 
 
 def artifact_location(uri: str) -> str | None:
@@ -238,28 +269,56 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> str:
     """Fail fast, before any work, when the tracking store cannot be used.
 
     An ``http(s)`` server must answer ``GET /health``; a sqlite store's folder is created if
-    missing and the store is opened once.
+    missing and the store is opened once. A database server (``postgresql://``, ``mysql://``) is
+    first connected to once within ``timeout_s`` (MLflow itself retries a refused connection ten
+    times, for over a minute and a half), then opened like sqlite: MLflow creates or migrates its
+    tables there on first use.
 
     Raises:
         ValueError: a file store, an unreachable server or an unusable database, naming the URI.
     """
     import requests
 
-    uri = check_tracking_uri(uri)
+    given, uri = uri, check_tracking_uri(uri)  # messages name the URI as given
     quiet.quiet_store()  # opening a new sqlite store otherwise announces its tables in two INFO lines
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         try:
             r = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
         except requests.RequestException as e:
-            raise ValueError(f"MLflow tracking server {uri!r} is unreachable: {type(e).__name__}: {e}") from None
+            raise ValueError(f"MLflow tracking server {given!r} is unreachable: {type(e).__name__}: {e}") from None
         if r.status_code != 200:
-            raise ValueError(f"MLflow tracking server {uri!r} answered /health with HTTP {r.status_code}")
+            raise ValueError(f"MLflow tracking server {given!r} answered /health with HTTP {r.status_code}")
         return uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if scheme.split("+", 1)[0] in DATABASE_SERVERS and (why := _connect_error(uri, timeout_s)):
+        raise ValueError(f"MLflow tracking store {given!r} cannot be opened: {why}")
     try:
         MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # any failure here means the store is unusable
-        raise ValueError(f"MLflow tracking store {uri!r} cannot be opened: {type(e).__name__}: {e}") from None
+        raise ValueError(f"MLflow tracking store {given!r} cannot be opened: {type(e).__name__}: {e}") from None
     return uri
+
+
+def _connect_error(uri: str, timeout_s: float) -> str | None:
+    """Why one connection to the database server of ``uri`` fails within ``timeout_s``; None when it opens.
+
+    The reason is the driver's own first line, after its type (``psycopg2.OperationalError: ...``):
+    a missing driver, a server that refuses or does not answer, a wrong login or database.
+    """
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool,
+                                          connect_args={"connect_timeout": max(1, math.ceil(timeout_s))})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # ImportError (no driver), the driver's OperationalError, a malformed URI
+        cause = getattr(e, "orig", None) or e  # the driver's error, without SQLAlchemy's "Background on" line
+        kind = type(cause).__name__ if type(cause).__module__ == "builtins" else (
+            f"{type(cause).__module__}.{type(cause).__name__}")  # which driver said it
+        return f"{kind}: {(str(cause).strip().splitlines() or [''])[0]}"
+    return None

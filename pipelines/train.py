@@ -1,4 +1,10 @@
-"""One training run: features folder -> Lightning fit -> inference artifact -> MLflow run + registry."""
+"""One training run: features folder -> Lightning fit -> inference artifact -> MLflow run + registry.
+
+In a distributed run (several processes, on one node or several) every process calls :func:`train`
+with the same config; only global rank 0 opens the tracking store, logs, exports and registers. The
+others train their share and read nothing but their own copy of the features folder, so each node
+may keep ``out`` on its own local disk (or all share one folder).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,6 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric
 
 from pipelines import quiet
@@ -36,6 +41,7 @@ from pipelines.train_config import TrainConfig
 from ranking.artifact import export_artifact
 from ranking.config import ModelConfig
 from ranking.train import FitResult, RankingModule, fit, load_features
+from ranking.train.fitting import check_launch, launched_as_rank_zero
 
 log = logging.getLogger("pipelines.train")
 
@@ -176,26 +182,34 @@ def train(cfg: TrainConfig) -> TrainResult:
     The MLflow run is named (``cfg.run_name``, else :func:`default_run_name`), records the training
     data as dataset inputs and, with ``psutil`` installed, the machine's load; an error anywhere
     after the run exists ends it FAILED with the error in a tag, and a resumed run drops that tag.
+
+    The other processes of a distributed run (:func:`~ranking.train.fitting.launched_as_rank_zero`
+    false) never open the tracking store: they only train alongside rank 0.
+
+    Raises:
+        ValueError: among others, a multi-node launch that could never start
+            (:func:`~ranking.train.fitting.check_launch`), checked before anything waits for a peer.
     """
     quiet.install()
     start = time.perf_counter()
-    uri = check_tracking_uri(cfg.tracking_uri)
+    check_launch(cfg.fit_config())
     fitted = load_features(cfg.features)
     mconf = ModelConfig.from_fitted(fitted, model=cfg.model, **cfg.model_overrides)
-
-    ensure_experiment(uri, cfg.experiment)
     out = Path(cfg.out)
     last = out / "checkpoints" / "last.ckpt"
     run_id_file = out / "mlflow_run_id"
     resuming = cfg.resume and last.is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    if not launched_as_rank_zero():  # on any node: no store, no logger (MLflow's client opens the store)
+        return _fit_and_export(cfg, mconf, None, resuming, start)
+
+    uri = check_tracking_uri(cfg.tracking_uri)
+    ensure_experiment(uri, cfg.experiment)
     # Named here: MLflow's own random name would come from Python's generator, which fit seeds the same every run.
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
                           run_name=cfg.run_name or default_run_name(fitted.spec.name, cfg.model),
                           tags=dict(cfg.run_tags) or None,
                           run_id=run_id_file.read_text().strip() if resuming and run_id_file.is_file() else None)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank != 0:  # type: ignore[attr-defined]  # other processes of a distributed run log nothing
-        return _fit_and_export(cfg, mconf, logger, resuming, start)
     run_id = str(logger.run_id)  # creates the run (or finds the resumed one)
     run_id_file.write_text(run_id)
     client = logger.experiment
@@ -228,16 +242,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise
 
 
-def _fit_and_export(cfg: TrainConfig, mconf: ModelConfig, logger: MLFlowLogger, resuming: bool,
+def _fit_and_export(cfg: TrainConfig, mconf: ModelConfig, logger: MLFlowLogger | None, resuming: bool,
                     start: float) -> TrainResult:
-    """``ranking.train.fit``, then (on rank 0) the final metrics, the artifact and the registered version."""
+    """``ranking.train.fit``, then (on rank 0) the final metrics, the artifact and the registered version.
+
+    ``logger`` is None on the other processes of a distributed run (they log nothing).
+    """
     out = Path(cfg.out)
     bar = cfg.progress_bar and sys.stderr.isatty()
-    result: FitResult = fit(cfg.features, mconf, cfg.fit_config(), out=out, logger=logger,
+    result: FitResult = fit(cfg.features, mconf, cfg.fit_config(), out=out, logger=logger or False,
                             callbacks=[GateHeatmaps(out / "plots"), Progress(bar=bar)],
                             init_from=cfg.init_from, resume=resuming)
     metrics = result.metrics
-    if not result.primary:
+    if result.primary != (logger is not None):  # the launcher's variables and Lightning disagree on who is rank 0
+        raise RuntimeError(f"global rank {result.trainer.global_rank}: its launcher's variables said "
+                           f"{'another rank' if logger is None else 'rank 0'}; nothing exported")
+    if not result.primary or logger is None:
         return TrainResult("", out / "artifact", metrics, None, time.perf_counter() - start, result.best_epoch,
                            False)
     run_id = str(logger.run_id)
@@ -266,7 +286,7 @@ def _fit_and_export(cfg: TrainConfig, mconf: ModelConfig, logger: MLFlowLogger, 
         how = {"made_by": "ranker train", "gates": "not run",
                "promoted": f"true ({cfg.alias}, by ranker train, no gates)" if cfg.alias else "false"}
         mv = register_artifact(
-            cfg.tracking_uri, run_id, "model", cfg.register_as, cfg.alias,
+            check_tracking_uri(cfg.tracking_uri), run_id, "model", cfg.register_as, cfg.alias,
             description=f"{cfg.model} trained on {window.get('start')}..{window.get('end')}",
             tags=how,
         )

@@ -93,7 +93,7 @@ COMMANDS = list(_commands(typer.main.get_command(app)))
 
 def test_every_command_is_walked() -> None:
     leaves = {" ".join(path) for path, cmd in COMMANDS if not hasattr(cmd, "commands")}
-    assert leaves == {"data synth", "features build", "train", "serve", "rank", "pipeline run",
+    assert leaves == {"data synth", "features build", "train", "serve", "rank", "score", "pipeline run",
                       "pipeline schedule", "pipeline show", "demo"}
 
 
