@@ -66,13 +66,14 @@ class Replica:
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     args: Sequence[str] = ()
+    workers: int = 1
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
     def command(self) -> list[str]:
         return [RANKER, "serve", "--model", self.model, "--port", str(self.port), "--metrics-port",
-                str(self.metrics_port), "--workers", "1", "--reload-interval-s", "0", "--log-format", "json",
-                "--ready-file", str(self.work / f"{self.name}.ready"), *self.args]
+                str(self.metrics_port), "--workers", str(self.workers), "--reload-interval-s", "0",
+                "--log-format", "json", "--ready-file", str(self.work / f"{self.name}.ready"), *self.args]
 
     def start(self, timeout_s: float = 180.0) -> float:
         """Start and wait until SERVING (the ready file); the seconds that took."""

@@ -18,6 +18,7 @@ Output layout as :mod:`pipelines.score` (``part-*.parquet``, ``quarantine.parque
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -93,6 +94,13 @@ def _only(table: pa.Table, bad: bool, keep: list[str]) -> pa.Table:
     return rows.select([c for c in keep if c in rows.column_names])
 
 
+def _reason_counts(table: pa.Table) -> pa.Table:
+    """A block's quarantined rows counted by reason (summed on the driver: no shuffle for a few reasons)."""
+    counts = pc.value_counts(table[REASON]) if table.num_rows else pa.array([], pa.struct(
+        [("values", pa.string()), ("counts", pa.int64())]))
+    return pa.table({REASON: counts.field("values"), "rows": counts.field("counts")})
+
+
 def score_log_ray(model: str | ScoringModel, source: str | Path, out: str | Path, tracking_uri: str | None = None,
                   weights: Mapping[str, float] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS,
                   address: str | None = None, workers: int | None = None) -> ScoreSummary:
@@ -127,6 +135,8 @@ def score_log_ray(model: str | ScoringModel, source: str | Path, out: str | Path
     connect(address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output parts in the log's order
+    ctx.enable_progress_bars = False  # one summary line at the end, not a bar and a plan per stage
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     n = workers or max(1, int(cpus) - 1)
     # The actors hold their CPUs for the whole run; Ray Data's own tasks that feed them (listing and
@@ -149,7 +159,9 @@ def score_log_ray(model: str | ScoringModel, source: str | Path, out: str | Path
         checked.map_batches(_only, fn_args=(False, keep_scored), batch_format="pyarrow").write_parquet(
             str(staged / "scored"))
         bad = checked.map_batches(_only, fn_args=(True, raw_columns), batch_format="pyarrow")
-        counts = {str(r[REASON]): int(r["count()"]) for r in bad.groupby(REASON).count().take_all()}
+        counts: dict[str, int] = {}
+        for row in bad.map_batches(_reason_counts, batch_format="pyarrow").take_all():  # one small table per block
+            counts[str(row[REASON])] = counts.get(str(row[REASON]), 0) + int(row["rows"])
         if counts:
             bad.write_parquet(str(staged / "quarantine"))
         rows_in = checked.count()
