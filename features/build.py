@@ -9,13 +9,16 @@ the pipeline's validate step) are not checked again and leave none.
 
 Everything runs on Polars lazy frames and is written with ``sink_parquet`` (streaming), so the
 input is never materialised as a whole except where the spec asks for duplicate detection.
+The Ray Data engine (:mod:`features.ray_data`, ``--engine ray``) builds the same folder from the
+pieces here (:func:`split_rule`, :func:`check_counts`, :class:`SplitTally`, :func:`write_summary`)
+and the fitted transform's own per-block statistics (:class:`features.fitted.FitPartial`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -23,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from features.fitted import FittedTransform, label_col
+from features.fitted import STREAM_APART, FittedTransform, Moments, label_col, moment_partials
 from features.spec import FeatureSpec
 from features.validate import REASON, CheckCounts, with_reason
 
@@ -76,6 +79,21 @@ def day_expr(spec: FeatureSpec) -> pl.Expr | None:
 
 def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = None) -> pl.Expr:
     """An expression naming each row's split (train / val / test) by the spec's rule."""
+
+    def day_range() -> tuple[date | None, date | None]:
+        day = day_expr(spec)
+        assert day is not None  # split_rule asks only once it has checked that rows have days
+        lo, hi = lf.select(day.min().alias("lo"), day.max().alias("hi")).collect(engine="streaming").row(0)
+        return lo, hi
+
+    return split_rule(spec, train_end, day_range)
+
+
+def split_rule(
+    spec: FeatureSpec, train_end: date | None, day_range: Callable[[], tuple[date | None, date | None]]
+) -> pl.Expr:
+    """The split expression once the rows' first and last day are known (``day_range``, asked only
+    by the ``last_days`` rule): what :func:`split_expr` and the Ray engine's distributed min/max share."""
     s = spec.split
     if s.kind == "column":
         if train_end is not None:
@@ -85,8 +103,8 @@ def split_expr(lf: pl.LazyFrame, spec: FeatureSpec, train_end: date | None = Non
     if day is None:
         raise ValueError(f"split kind {s.kind!r} needs a timestamp key or split.date_column")
     if s.kind == "last_days":
-        lo, hi = lf.select(day.min().alias("lo"), day.max().alias("hi")).collect(engine="streaming").row(0)
-        if lo is None:
+        lo, hi = day_range()
+        if lo is None or hi is None:
             raise ValueError("input log is empty")
         end = train_end if train_end is not None else hi - timedelta(days=s.validation_days)
         if end < lo or end >= hi:
@@ -156,6 +174,12 @@ def _quarantine(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> CheckCoun
     """Write the rows that break the spec to ``quarantine.parquet``; fail above ``max_bad_fraction``."""
     staged.filter(pl.col(REASON).is_not_null()).drop(SPLIT).sink_parquet(out / "quarantine.parquet")
     counts = CheckCounts.of(staged.group_by(REASON).len().collect(engine="streaming"))
+    check_counts(counts, spec)
+    return counts
+
+
+def check_counts(counts: CheckCounts, spec: FeatureSpec) -> None:
+    """Fail on an empty input, or when more than ``max_bad_fraction`` of the rows break the spec."""
     if counts.rows == 0:
         raise ValueError("input has no rows")
     if counts.bad / counts.rows > spec.validation.max_bad_fraction:
@@ -164,41 +188,78 @@ def _quarantine(staged: pl.LazyFrame, spec: FeatureSpec, out: Path) -> CheckCoun
             f"{counts.bad} of {counts.rows} rows ({counts.bad / counts.rows:.0%}) break the {spec.name!r} spec, "
             f"more than max_bad_fraction {spec.validation.max_bad_fraction:.0%}; top reasons: {top}"
         )
-    return counts
+
+
+def check_split_names(first_unknown: object, spec: FeatureSpec) -> None:
+    """Fail when a good row names a split other than train / val / test (``None``: none does)."""
+    if first_unknown is not None:
+        raise ValueError(f"split column {spec.split.column!r} holds {first_unknown!r}; expected one of {SPLITS}")
+
+
+def check_fitted(fitted: FittedTransform) -> None:
+    if fitted.rows == 0:
+        raise ValueError("no training rows after the split; check --train-end and the data's dates")
+
+
+@dataclass(frozen=True)
+class SplitTally:
+    """What the summary reports of one split: its rows, each task's exact label sums, its first and last day."""
+
+    rows: int
+    labels: dict[str, Moments]  # task -> sums of its model-ready label y_<task>
+    days: tuple[date | None, date | None] | None  # None: the spec gives rows no day
+
+
+def split_tally(model_ready: pl.LazyFrame, raw: pl.LazyFrame, spec: FeatureSpec) -> SplitTally:
+    """One written split's tally: rows and label sums from its model-ready rows, days from its raw rows."""
+    labels = {t.name: pl.col(label_col(t.name)) for t in spec.tasks}
+    sums, n = pl.collect_all([moment_partials(model_ready, labels), model_ready.select(pl.len())], engine="streaming",
+                             optimizations=STREAM_APART)
+    day = day_expr(spec)
+    days = None
+    if day is not None:
+        days = raw.select(day.min().alias("lo"), day.max().alias("hi")).collect(engine="streaming").row(0)
+    found = Moments.of(sums)
+    return SplitTally(int(n.item()), {t: found.get(t, Moments.EMPTY) for t in labels}, days)
 
 
 def _write_splits(good: pl.LazyFrame, spec: FeatureSpec, out: Path, counts: CheckCounts) -> BuildSummary:
     """Good rows (each with its split in ``SPLIT``) -> the fitted transform, every split's Parquet, the summary."""
     unknown = good.filter(~pl.col(SPLIT).is_in(SPLITS)).select(pl.col(SPLIT).first()).collect(engine="streaming")
-    if unknown.height and unknown.item() is not None:
-        raise ValueError(f"split column {spec.split.column!r} holds {unknown.item()!r}; expected one of {SPLITS}")
+    check_split_names(unknown.item() if unknown.height else None, spec)
 
     fitted = FittedTransform.fit(good.filter(pl.col(SPLIT) == "train"), spec)
-    if fitted.rows == 0:
-        raise ValueError("no training rows after the split; check --train-end and the data's dates")
+    check_fitted(fitted)
     fitted.save(out / "transform.json")
 
-    rows, rates, windows = {}, {}, {}
-    day = day_expr(spec)
+    tallies = {}
     for name in SPLITS:
         part = good.filter(pl.col(SPLIT) == name)
         path = out / f"{name}.parquet"
         path.unlink(missing_ok=True)
         fitted.transform(part).sink_parquet(path)
-        stats = (
-            pl.scan_parquet(path)
-            .select([pl.len().alias("__rows")] + [pl.col(label_col(t.name)).mean().alias(t.name) for t in spec.tasks])
-            .collect()
-            .row(0, named=True)
-        )
-        n = int(stats.pop("__rows"))
-        if n == 0 and name == "test":
-            path.unlink()
+        tallies[name] = split_tally(pl.scan_parquet(path), part, spec)
+    return write_summary(out, spec, fitted, tallies, counts)
+
+
+def write_summary(
+    out: Path, spec: FeatureSpec, fitted: FittedTransform, tallies: dict[str, SplitTally], counts: CheckCounts
+) -> BuildSummary:
+    """The build's summary from every split's tally, saved as ``summary.json`` (an empty test split's file goes).
+
+    Label rates are the exact means (:class:`features.fitted.Moments`) rounded to 5 places, so they
+    do not depend on the order rows were summed in (the Ray engine sums per block).
+    """
+    rows, rates, windows = {}, {}, {}
+    for name in SPLITS:
+        tally = tallies[name]
+        if tally.rows == 0 and name == "test":
+            (out / f"{name}.parquet").unlink(missing_ok=True)
             continue
-        rows[name] = n
-        rates[name] = {k: round(float(v or 0.0), 5) for k, v in stats.items()}
-        if day is not None:
-            lo, hi = part.select(day.min().alias("lo"), day.max().alias("hi")).collect(engine="streaming").row(0)
+        rows[name] = tally.rows
+        rates[name] = {t.name: round(float(tally.labels[t.name].mean() or 0.0), 5) for t in spec.tasks}
+        if tally.days is not None:
+            lo, hi = tally.days
             windows[name] = {"start": str(lo), "end": str(hi)}
     summary = BuildSummary(
         dataset=spec.name,

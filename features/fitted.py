@@ -4,6 +4,10 @@ The fitted transform holds vocabularies (value -> id, 0 reserved for out-of-voca
 and numeric statistics. It is saved as JSON with a content hash and shipped inside the inference
 artifact, so serving applies exactly the expressions training used: one implementation.
 
+A fit reads its training rows through sufficient statistics that merge exactly (:class:`FitPartial`:
+value counts, extremes, integer sums for mean and std), so fitting per block and merging (the Ray
+engine, :mod:`features.ray_data`) gives the transform, content hash included, of one pass.
+
 Model-ready columns: ``s_<feature>`` (Int64 ids; List(Int64) when multi-valued), ``d_<feature>``
 (Float32, standardised), ``y_<task>`` (Float32 on the task's label scale, null if missing),
 ``position`` (Int64, clipped), plus the spec's keys and passthrough columns.
@@ -23,10 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import polars as pl
 from polars.datatypes import DataTypeClass
@@ -88,34 +95,36 @@ class FittedTransform:
     # ------------------------------------------------------------------ fit
     @classmethod
     def fit(cls, lf: pl.LazyFrame, spec: FeatureSpec) -> FittedTransform:
-        """Fit vocabularies (by ``min_count``, most frequent first) and numeric statistics."""
-        vocabs = {f.name: _fit_vocab(lf, f) for f in spec.sparse if not (f.hash_buckets or f.quantiles)}
-        boundaries = {f.name: _fit_boundaries(lf, f) for f in spec.sparse if f.quantiles}
-        exprs = [pl.len().alias("__rows")]
-        for d in spec.dense:
-            x = _dense_pre(d)
-            exprs += [getattr(x, stat)().alias(f"{d.name}.{stat}") for stat in ("mean", "std", "min", "max")]
-        if spec.keys.timestamp is not None:
-            ts = pl.col(spec.keys.timestamp)
-            exprs += [ts.min().alias("__start"), ts.max().alias("__end")]
-        row = lf.select(exprs).collect(engine="streaming").row(0, named=True)
-        numeric = {d.name: _stats(row, d.name) for d in spec.dense}
-        window = {"start": str(row["__start"]), "end": str(row["__end"])} if "__start" in row else {}
+        """Fit vocabularies (by ``min_count``, most frequent first) and numeric statistics.
+
+        The sufficient statistics (:class:`FitPartial`) are computed over the whole frame in one
+        streaming query each; the Ray engine computes the same ones per block and merges them,
+        which gives the identical transform (see :class:`FitPartial`).
+        """
         schema = lf.collect_schema()
-        inputs = [c for f in spec.sparse for c in f.inputs] + [d.raw for d in spec.dense]
-        missing = [c for c in dict.fromkeys(inputs) if c not in schema]
-        if missing:
-            raise ValueError(f"input lacks column(s) {missing} that the {spec.name!r} spec reads")
-        raw_types = {c: _kind(schema[c]) for c in dict.fromkeys(inputs)}
-        for f in spec.sparse:
-            lists = [c for c in f.cross if raw_types[c].startswith("list")]
-            if lists:
-                raise ValueError(f"cross {f.name!r}: column(s) {lists} are lists; crosses take single values")
+        raw_types = raw_input_types(schema, spec)
+        boundaries = {f.name: _fit_boundaries(lf, f) for f in spec.sparse if f.quantiles}
+        return cls.from_partial(FitPartial.of(lf, spec), spec, raw_types, boundaries)
+
+    @classmethod
+    def from_partial(
+        cls, partial: FitPartial, spec: FeatureSpec, raw_types: dict[str, str], boundaries: dict[str, list[float]]
+    ) -> FittedTransform:
+        """The transform that the (merged) statistics of the training rows determine.
+
+        Args:
+            partial: the sufficient statistics of every training row (:meth:`FitPartial.merge` of
+                per-block ones, or :meth:`FitPartial.of` of the whole frame).
+            raw_types: :func:`raw_input_types` of the training rows' schema.
+            boundaries: quantile feature -> its cut points (:func:`cut_points`).
+        """
+        row = partial.extremes.row(0, named=True)
+        moments = Moments.of(partial.moments)
         return cls(
             spec=spec,
-            vocabs=vocabs,
-            numeric=numeric,
-            window=window,
+            vocabs={f.name: _vocab(partial.vocab_counts[f.name], f) for f in _vocab_features(spec)},
+            numeric={d.name: _stats(row, moments.get(d.name, Moments.EMPTY), d.name) for d in spec.dense},
+            window={"start": str(row["__start"]), "end": str(row["__end"])} if "__start" in row else {},
             rows=int(row["__rows"]),
             raw_types=raw_types,
             boundaries=boundaries,
@@ -161,25 +170,22 @@ class FittedTransform:
         return (p.max_position + 1) * (self.table_size(p.cross) if p.cross is not None else 1)
 
     def label_expressions(self) -> list[pl.Expr]:
-        out = []
-        for t in self.spec.tasks:
-            y = pl.col(t.label).cast(pl.Float32)
-            if t.threshold is not None:
-                y = (y > t.threshold).cast(pl.Float32)
-            if t.label_transform == "log1p":
-                y = y.clip(lower_bound=0.0).log1p()
-            out.append(y.alias(label_col(t.name)))
-        return out
+        return label_expressions(self.spec)
 
     def transform(self, lf: pl.LazyFrame, with_labels: bool = True) -> pl.LazyFrame:
         """Raw impressions -> model-ready rows (keys, features, labels, passthrough)."""
+        return lf.select(self.transform_exprs(lf.collect_schema().names(), with_labels))
+
+    def transform_exprs(self, columns: Sequence[str], with_labels: bool = True) -> list[pl.Expr]:
+        """The ``select`` of :meth:`transform` for frames with these raw columns: built once, it can be
+        applied to many frames (the Ray engine's blocks) without rebuilding the vocabularies' enums."""
         spec = self.spec
-        names = set(lf.collect_schema().names())
+        names = set(columns)
         passthrough = [pl.col(c) for c in spec.passthrough if c in names]
         exprs = [pl.col(k) for k in spec.keys.present()] + self.expressions()
         if with_labels:
             exprs += self.label_expressions()
-        return lf.select(exprs + passthrough)
+        return exprs + passthrough
 
     def transform_request(
         self,
@@ -398,12 +404,14 @@ def _scaled(d: DenseFeature, st: NumericStats) -> pl.Expr:
     return x.fill_null(0.0).fill_nan(0.0)
 
 
-def _stats(row: dict[str, Any], name: str) -> NumericStats:
-    def get(stat: str, default: float) -> float:
-        v = row[f"{name}.{stat}"]
-        return default if v is None else float(v)
+def _stats(row: dict[str, Any], m: Moments, name: str) -> NumericStats:
+    """One dense feature's statistics: mean and std from its exact sums, min and max from the extremes."""
 
-    return NumericStats(mean=get("mean", 0.0), std=get("std", 1.0), min=get("min", 0.0), max=get("max", 1.0))
+    def get(value: float | None, default: float) -> float:
+        return default if value is None else float(value)
+
+    return NumericStats(mean=get(m.mean(), 0.0), std=get(m.std(), 1.0), min=get(row[f"{name}.min"], 0.0),
+                        max=get(row[f"{name}.max"], 1.0))
 
 
 def _raw_value(f: SparseFeature) -> pl.Expr:
@@ -418,27 +426,293 @@ def _hash_id(x: pl.Expr, buckets: int) -> pl.Expr:
     return pl.when(x.is_null()).then(pl.lit(OOV, pl.Int64)).otherwise(h)
 
 
+def label_expressions(spec: FeatureSpec) -> list[pl.Expr]:
+    """Raw label columns -> model-ready ``y_<task>`` (Float32; thresholded, log1p where the task says)."""
+    out = []
+    for t in spec.tasks:
+        y = pl.col(t.label).cast(pl.Float32)
+        if t.threshold is not None:
+            y = (y > t.threshold).cast(pl.Float32)
+        if t.label_transform == "log1p":
+            y = y.clip(lower_bound=0.0).log1p()
+        out.append(y.alias(label_col(t.name)))
+    return out
+
+
+def raw_input_types(schema: pl.Schema, spec: FeatureSpec) -> dict[str, str]:
+    """Raw input column -> its kind (``int``, ``float``, ``str``, ``list[...]``), checked against the spec.
+
+    Raises:
+        ValueError: a column the spec reads is missing or of an unsupported type, or a cross
+            combines list columns.
+    """
+    inputs = list(dict.fromkeys([c for f in spec.sparse for c in f.inputs] + [d.raw for d in spec.dense]))
+    missing = [c for c in inputs if c not in schema]
+    if missing:
+        raise ValueError(f"input lacks column(s) {missing} that the {spec.name!r} spec reads")
+    raw_types = {c: _kind(schema[c]) for c in inputs}
+    for f in spec.sparse:
+        lists = [c for c in f.cross if raw_types[c].startswith("list")]
+        if lists:
+            raise ValueError(f"cross {f.name!r}: column(s) {lists} are lists; crosses take single values")
+    return raw_types
+
+
+# ------------------------------------------------------------------ sufficient statistics of a fit
+# Everything a fit needs from the training rows, in a form that merges exactly: value counts,
+# extremes, and the float sums of the mean and the standard deviation kept as integers.
+#
+# Why exact sums: a float sum depends on the order of its terms, so a mean or a std merged from
+# per-block partials (the Ray engine) differs from a single pass (the Polars engine) in the last bits,
+# and so would the transform's content hash. Each float64 x is ±m·2**k with an integer m < 2**53;
+# grouping by k and adding the m (and the limbs of m**2) in Int128 gives the sums with no rounding
+# at all, whatever the blocking, in plain Polars expressions (no Python loop per row). The mean and
+# variance are then one exact rational each, rounded once to float64; both engines use this path.
+
+# Queries over the same rows run side by side, each streaming its own scan: a shared subplan would be
+# cached in memory whole (the training rows, for a fit), which is what streaming avoids.
+STREAM_APART = pl.QueryOptFlags(comm_subplan_elim=False)
+_NAN, _POS_INF, _NEG_INF = 2000, 2001, 2002  # moment "exponents" that count the non-finite values
+_LIMB = 2**26  # m = hi * 2**26 + lo: hi**2, hi*lo and lo**2 stay below 2**54, and their Int128 sums exact
+
+
+def moment_partials(lf: pl.LazyFrame, columns: dict[str, pl.Expr], by: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Exact sums of each named (float) column's non-null values, grouped by ``by``, as a small frame.
+
+    Columns: ``*by, name, exp, n, s, h2, hl, l2``: for every binary exponent ``exp`` the values have,
+    their count ``n``, the sum ``s`` of their signed 53-bit significands, and the sums of the
+    significand's limb products (``h2 = Σ hi²``, ``hl = Σ hi·lo``, ``l2 = Σ lo²``); NaN and the
+    infinities are counted under the exponents 2000, 2001 and 2002. Frames of any blocking of the
+    same rows concatenate and re-sum (:func:`merge_moments`) to the same frame; :meth:`Moments.of`
+    reads the exact mean and variance from it.
+
+    Example:
+        >>> lf = pl.LazyFrame({"x": [0.1, 0.2, 0.3, None]})
+        >>> Moments.of(moment_partials(lf, {"x": pl.col("x")}).collect())["x"].mean()
+        0.2
+    """
+    keys = [*by, "name", "exp"]
+    schema = {**{b: pl.String for b in by}, "name": pl.String, "exp": pl.Int64, "n": pl.Int64,
+              "s": pl.Int128, "h2": pl.Int128, "hl": pl.Int128, "l2": pl.Int128}
+    if not columns:
+        return pl.LazyFrame(schema=schema)
+    x = pl.col("__value")
+    bits = x.reinterpret(dtype=pl.UInt64)
+    field = (bits // 2**52) % 2048  # the biased exponent; 0 for zeros and subnormals
+    hidden = pl.when(field > 0).then(pl.lit(2**52, pl.UInt64)).otherwise(pl.lit(0, pl.UInt64))
+    m = pl.when(x.is_finite()).then(bits % 2**52 + hidden).otherwise(0).cast(pl.Int64)  # |x| = m * 2**exp
+    exp = (
+        pl.when(x.is_nan()).then(pl.lit(_NAN, pl.Int64))
+        .when(x == float("inf")).then(pl.lit(_POS_INF, pl.Int64))
+        .when(x == float("-inf")).then(pl.lit(_NEG_INF, pl.Int64))
+        .otherwise(pl.max_horizontal(field.cast(pl.Int64), pl.lit(1, pl.Int64)) - 1075)
+    )
+    hi, lo = pl.col("m") // _LIMB, pl.col("m") % _LIMB
+    sums = ("s", "h2", "hl", "l2")
+    parts = [  # one group_by per column: Polars runs them side by side, faster than one over the unpivoted rows
+        lf.select(*[pl.col(b) for b in by], e.cast(pl.Float64).alias("__value"))
+        .drop_nulls("__value")
+        .select(*[pl.col(b) for b in by], pl.lit(name, pl.String).alias("name"), exp.alias("exp"), m.alias("m"),
+                (bits >= 2**63).alias("neg"))
+        .select(*keys, pl.when(pl.col("neg")).then(-pl.col("m")).otherwise(pl.col("m")).alias("s"),
+                (hi * hi).alias("h2"), (hi * lo).alias("hl"), (lo * lo).alias("l2"))  # each below 2**54: Int64
+        .group_by(keys)
+        .agg(pl.len().cast(pl.Int64).alias("n"), *[pl.col(c).cast(pl.Int128).sum() for c in sums])
+        .select([*keys, "n", *sums])
+        .cast({c: t for c, t in schema.items() if c not in by})
+        for name, e in columns.items()
+    ]
+    return pl.concat(parts, how="vertical")
+
+
+def merge_moments(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """Several :func:`moment_partials` frames (same ``by`` columns) -> one, re-summed exactly."""
+    whole = pl.concat(parts, how="vertical")
+    keys = [c for c in whole.columns if c not in ("n", "s", "h2", "hl", "l2")]
+    return whole.group_by(keys).agg(pl.col("n", "s", "h2", "hl", "l2").sum()).sort(keys)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """The exact count, sum and sum of squares of one column's non-null values.
+
+    ``total`` and ``total_sq`` are rationals over the finite values; ``nan``, ``pos_inf`` and
+    ``neg_inf`` count the others (``n`` includes them), so that :meth:`mean` and :meth:`std`
+    follow Polars' rules for them (NaN and opposite infinities give NaN).
+    """
+
+    n: int
+    total: Fraction
+    total_sq: Fraction
+    nan: int = 0
+    pos_inf: int = 0
+    neg_inf: int = 0
+
+    EMPTY: ClassVar[Moments]
+
+    @classmethod
+    def of(cls, partials: pl.DataFrame) -> dict[str, Moments]:
+        """Column name -> its moments, from a :func:`moment_partials` frame without ``by`` columns."""
+        out: dict[str, Moments] = {}
+        for name, group in merge_moments([partials]).partition_by("name", as_dict=True).items():
+            n, total, total_sq, special = 0, Fraction(0), Fraction(0), {_NAN: 0, _POS_INF: 0, _NEG_INF: 0}
+            for exp, count, s, h2, hl, l2 in group.select("exp", "n", "s", "h2", "hl", "l2").iter_rows():
+                n += count
+                if exp in special:
+                    special[exp] += count
+                    continue
+                squares = h2 * _LIMB * _LIMB + 2 * hl * _LIMB + l2  # Σ m**2, exactly
+                total += _scaled_by(s, exp)
+                total_sq += _scaled_by(squares, 2 * exp)
+            out[str(name[0])] = cls(n, total, total_sq, special[_NAN], special[_POS_INF], special[_NEG_INF])
+        return out
+
+    def mean(self) -> float | None:
+        """The mean rounded once to float64 (``None`` without values, as Polars)."""
+        if self.n == 0:
+            return None
+        if self.nan or (self.pos_inf and self.neg_inf):
+            return float("nan")
+        if self.pos_inf or self.neg_inf:
+            return float("inf") if self.pos_inf else float("-inf")
+        return _float(self.total / self.n)
+
+    def std(self) -> float | None:
+        """The sample standard deviation (ddof 1): ``sqrt`` of the exact variance rounded to float64."""
+        if self.n < 2:
+            return None
+        if self.nan or self.pos_inf or self.neg_inf:
+            return float("nan")
+        var = (self.n * self.total_sq - self.total * self.total) / (self.n * (self.n - 1))
+        return math.sqrt(_float(var))
+
+
+Moments.EMPTY = Moments(0, Fraction(0), Fraction(0))
+
+
+def _scaled_by(value: int, exp: int) -> Fraction:
+    return Fraction(value * 2**exp) if exp >= 0 else Fraction(value, 2**-exp)
+
+
+def _float(q: Fraction) -> float:
+    """``q`` correctly rounded to float64 (Python divides integers exactly); beyond the range, infinity."""
+    try:
+        return q.numerator / q.denominator
+    except OverflowError:
+        return float("inf") if q > 0 else float("-inf")
+
+
+def _vocab_features(spec: FeatureSpec) -> list[SparseFeature]:
+    return [f for f in spec.sparse if not (f.hash_buckets or f.quantiles)]
+
+
+def _vocab_counts(lf: pl.LazyFrame, f: SparseFeature) -> pl.LazyFrame:
+    """Every non-null value of a vocabulary feature with its count (before ``min_count``)."""
+    col = _raw_value(f) if f.cross else pl.col(f.raw)
+    if f.multi:
+        col = col.list.head(f.max_len).explode()
+    return lf.select(col.alias("v")).drop_nulls().group_by("v").agg(pl.len().cast(pl.Int64).alias("n"))
+
+
+def _vocab(counts: pl.DataFrame, f: SparseFeature) -> Vocab:
+    """The vocabulary of merged value counts: values seen ``min_count`` times, in the spec's id order."""
+    kept = counts.filter(pl.col("n") >= f.min_count)
+    # "sorted": byte order for strings (polars sorts UTF-8 lexicographically), numeric order otherwise
+    by = ("v", False) if f.vocab_order == "sorted" else (["n", "v"], [True, False])
+    return Vocab(kept.sort(by[0], descending=by[1])["v"].to_list())
+
+
+@dataclass(frozen=True)
+class FitPartial:
+    """The sufficient statistics of a fit over some training rows, exactly mergeable across blocks.
+
+    ``vocab_counts``: vocabulary feature -> frame ``(v, n)`` of its values and their counts (no
+    ``min_count`` yet: a value rare in every block may be common overall); ``moments``:
+    :func:`moment_partials` of the dense features after fill/clip/transform; ``extremes``: one row of
+    ``__rows``, each dense feature's ``<name>.min`` / ``<name>.max`` and the timestamp key's
+    ``__start`` / ``__end``. Counts and integer sums add, extremes take the min/max, so the
+    :meth:`merge` of the partials of any blocking of the rows equals the partial of all of them, and
+    :meth:`FittedTransform.from_partial` gives the same transform, content hash included.
+
+    Quantile cut points are not here: they need the sorted values, which no small partial holds
+    (the Polars engine asks Polars for them; the Ray engine selects them exactly by radix, in
+    :mod:`features.ray_data`).
+    """
+
+    vocab_counts: dict[str, pl.DataFrame]
+    moments: pl.DataFrame
+    extremes: pl.DataFrame
+
+    @classmethod
+    def of(cls, lf: pl.LazyFrame, spec: FeatureSpec) -> FitPartial:
+        """The statistics of every row of ``lf`` (streaming queries, run together)."""
+        extremes = [pl.len().cast(pl.Int64).alias("__rows")]
+        for d in spec.dense:
+            x = _dense_pre(d)
+            extremes += [x.min().alias(f"{d.name}.min"), x.max().alias(f"{d.name}.max")]
+        if spec.keys.timestamp is not None:
+            ts = pl.col(spec.keys.timestamp)
+            extremes += [ts.min().alias("__start"), ts.max().alias("__end")]
+        vocab = _vocab_features(spec)
+        queries = [_vocab_counts(lf, f) for f in vocab]
+        queries += [moment_partials(lf, {d.name: _dense_pre(d) for d in spec.dense}), lf.select(extremes)]
+        *counts, moments, ext = pl.collect_all(queries, engine="streaming", optimizations=STREAM_APART)
+        return cls({f.name: c for f, c in zip(vocab, counts, strict=True)}, moments, ext)
+
+    @classmethod
+    def merge(cls, parts: list[FitPartial]) -> FitPartial:
+        """One partial for the union of the parts' rows (associative and order-free)."""
+        if len(parts) == 1:
+            return parts[0]
+        counts = {
+            name: pl.concat([p.vocab_counts[name] for p in parts], how="vertical")
+            .group_by("v").agg(pl.col("n").sum())
+            for name in parts[0].vocab_counts
+        }
+        whole = pl.concat([p.extremes for p in parts], how="vertical")
+
+        def combine(c: str) -> pl.Expr:
+            if c == "__rows":
+                return pl.col(c).sum()
+            return pl.col(c).max() if c.endswith((".max", "__end")) else pl.col(c).min()
+
+        return cls(counts, merge_moments([p.moments for p in parts]), whole.select(combine(c) for c in whole.columns))
+
+
+# ------------------------------------------------------------------ quantile cut points
+def quantile_ranks(n: int, quantiles: int) -> list[int]:
+    """Positions (0-based, among ``n`` sorted non-null values) of the ``quantiles - 1`` cut points.
+
+    Polars' ``quantile(q, "nearest")``: ``(n - 1) * q`` rounded half away from zero, for
+    ``q = i / quantiles``, so another engine that selects the values at these ranks exactly gets
+    the cut points the Polars engine gets.
+
+    Example:
+        >>> quantile_ranks(11, 4)
+        [3, 5, 8]
+    """
+    ranks = []
+    for i in range(1, quantiles):
+        x = (n - 1) * (i / quantiles)
+        whole = math.floor(x)
+        ranks.append(whole + (1 if x - whole >= 0.5 else 0))
+    return ranks
+
+
+def cut_points(values: Sequence[float | None]) -> list[float]:
+    """The distinct values at the quantile ranks, sorted: a feature's boundaries.
+
+    NaN cuts nothing (``x > NaN`` is never true) and is dropped; ``-0.0`` is written as ``0.0``
+    (which of the two equal zeros sits at a rank is up to the sort), so the saved transform is
+    one and the same for every engine.
+    """
+    return sorted({v + 0.0 for v in values if v is not None and not math.isnan(v)})
+
+
 def _fit_boundaries(lf: pl.LazyFrame, f: SparseFeature) -> list[float]:
     """Distinct training quantiles cutting the column into (at most) ``f.quantiles`` buckets."""
     n = f.quantiles or 2
     x = pl.col(f.raw).cast(pl.Float64)
     qs = [i / n for i in range(1, n)]
     row = lf.select([x.quantile(q).alias(str(i)) for i, q in enumerate(qs)]).collect(engine="streaming").row(0)
-    return sorted({float(v) for v in row if v is not None})
-
-
-def _fit_vocab(lf: pl.LazyFrame, f: SparseFeature) -> Vocab:
-    col = _raw_value(f) if f.cross else pl.col(f.raw)
-    if f.multi:
-        col = col.list.head(f.max_len).explode()
-    counts = (
-        lf.select(col.alias("v"))
-        .drop_nulls()
-        .group_by("v")
-        .agg(pl.len().alias("n"))
-        .filter(pl.col("n") >= f.min_count)
-        .collect(engine="streaming")
-    )
-    # "sorted": byte order for strings (polars sorts UTF-8 lexicographically), numeric order otherwise
-    by = ("v", False) if f.vocab_order == "sorted" else (["n", "v"], [True, False])
-    return Vocab(counts.sort(by[0], descending=by[1])["v"].to_list())
+    return cut_points(list(row))

@@ -71,9 +71,16 @@ def scan(path: str | Path) -> pl.LazyFrame:
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"KuaiRand folder not found: {str(root)!r}")
-    log = pl.concat([_scan_log(f) for f in _log_files(root)], how="diagonal")
-    user = _scan_side(root, USER_FILE, USER_REQUIRED)
-    video = _scan_side(root, VIDEO_FILE, VIDEO_REQUIRED)
+    log = pl.concat([_scan_log(f) for f in log_files(root)], how="diagonal")
+    return join_sides(log, *side_tables(root))
+
+
+def join_sides(log: pl.LazyFrame, user: pl.LazyFrame, video: pl.LazyFrame) -> pl.LazyFrame:
+    """Log rows (:func:`log_columns`) joined with the side tables and tokenised: what :func:`scan` returns.
+
+    Row by row (left joins in the log's order), so applying it to each block of the log gives the
+    rows :func:`scan` gives (the Ray engine does, with the small side tables sent to every block).
+    """
     return (
         log.join(user, on="user_id", how="left", maintain_order="left")
         .join(video, on="video_id", how="left", maintain_order="left")
@@ -81,7 +88,13 @@ def scan(path: str | Path) -> pl.LazyFrame:
     )
 
 
-def _log_files(root: Path) -> list[Path]:
+def side_tables(root: Path) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """The user and basic video tables of a KuaiRand folder (every column a string, keys Int64)."""
+    return _scan_side(root, USER_FILE, USER_REQUIRED), _scan_side(root, VIDEO_FILE, VIDEO_REQUIRED)
+
+
+def log_files(root: Path) -> list[Path]:
+    """The folder's standard logs, in name order (each given once, as Parquet, CSV or gzipped CSV)."""
     files = sorted({f for g in LOG_GLOBS for f in root.glob(g)}, key=lambda f: f.name)
     if not files:
         raise ValueError(f"no standard log in {str(root)!r}; expected files matching {list(LOG_GLOBS)}")
@@ -97,8 +110,18 @@ def _log_files(root: Path) -> list[Path]:
 def _scan_log(file: Path) -> pl.LazyFrame:
     """One log file with its official columns as Int64 (CSV text is parsed strictly)."""
     lf = pl.scan_parquet(file) if file.suffix == ".parquet" else pl.scan_csv(file, infer_schema=False)
-    names = lf.collect_schema().names()
+    require_log_columns(file, lf.collect_schema().names())
+    return log_columns(lf)
+
+
+def require_log_columns(file: Path, names: list[str]) -> None:
+    """Fail when a log file lacks a column the protocol needs."""
     _require(file, names, LOG_REQUIRED)
+
+
+def log_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """A log's official columns (those it has) as Int64, in the official order."""
+    names = lf.collect_schema().names()
     return lf.select(pl.col(c).cast(pl.Int64) for c in LOG_COLUMNS if c in names)
 
 
