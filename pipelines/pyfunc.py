@@ -2,7 +2,7 @@
 
 ``ranker train`` logs the run's model folder as an MLflow Model (an ``MLmodel`` file of the
 ``python_function`` flavor, with a signature and an input example) that holds the inference
-artifact in ``artifact/``. Our server and the pipeline find the artifact inside it as before; any
+artifact in ``data/artifact/``. Our server and the pipeline find the artifact inside it as before; any
 MLflow client can also load it without our server::
 
     import mlflow

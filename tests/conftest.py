@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +30,31 @@ def load_benchmark_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_mlflow_store_leaks() -> Iterator[None]:
+    """Each test module leaves MLflow's process-wide stores as it found them.
+
+    ``mlflow.set_tracking_uri`` and ``mlflow.set_registry_uri`` also export ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI``, so a module that points MLflow at its store would otherwise send every later
+    module's ``ranker`` subprocesses (which inherit the environment) to register in it.
+    """
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    saved = {k: os.environ.get(k) for k in MLFLOW_URI_VARIABLES}
+    uris = tracking._tracking_uri, registry._registry_uri
+    yield
+    tracking._tracking_uri, registry._registry_uri = uris
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,10 @@ def test_rest_api_serves_runs_metrics_artifacts_and_champion(server: str, tracke
     assert {"model", "gates"} <= {f["path"] for f in listed["files"]}, listed
     gates = _get(server, "/api/2.0/mlflow/artifacts/list", run_id=s.run_id, path="gates")
     assert any(f["path"].endswith(".png") for f in gates["files"]), gates
-    meta = requests.get(f"{server}/get-artifact", params={"path": "model/metadata.json", "run_uuid": s.run_id},
-                        timeout=30)
+    model = _get(server, "/api/2.0/mlflow/artifacts/list", run_id=s.run_id, path="model")
+    assert "model/MLmodel" in {f["path"] for f in model["files"]}, model  # an MLflow Model, see pipelines.pyfunc
+    meta = requests.get(f"{server}/get-artifact",
+                        params={"path": "model/data/artifact/metadata.json", "run_uuid": s.run_id}, timeout=30)
     assert meta.status_code == 200, meta.text[:500]
     assert json.loads(meta.content)["run_id"] == s.run_id
 

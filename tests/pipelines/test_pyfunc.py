@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -33,7 +32,7 @@ TASKS = ("click", "watch_time", "like", "dismiss")
 
 
 @pytest.fixture(scope="module")
-def store(small_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def store(small_features: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A sqlite store holding one trained, registered version with the champion alias; the tracking URI."""
     root = tmp_path_factory.mktemp("pyfunc")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -42,12 +41,9 @@ def store(small_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                         "--epochs", "1", "--set", "bottom_dims=[16]", "--set", "expert_dims=[8]", "--promote"],
                        env=env, capture_output=True, text=True, timeout=400, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # as a user's notebook would; the conftest restores it after this module
     mlflow.set_registry_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
+    return uri
 
 
 @pytest.fixture(scope="module")
