@@ -17,8 +17,9 @@ smaller model or fewer candidates, not more replicas. Feature builds and trainin
 measured rows/s per worker by the worker count (linear: partitions are independent and DDP steps
 add one all-reduce; the efficiency factor ``--efficiency`` discounts it).
 
-Checked against what this machine can run: the plan's requests/s for the two-replica restart test's
-setup (2 x 1 core, 100 candidates) beside the measured figure of ``benchmarks/replica_restart.py``.
+Checked against what this machine can run: ``--measure`` ends with two such replicas behind one
+round-robin channel at 100 candidates (``benchmarks/replica_restart.py``'s setup), and the plan sets
+the requests/s its fit predicts for the CPU they spent beside the requests/s they answered.
 
     .venv/bin/python benchmarks/capacity.py --measure --out benchmarks/results/capacity.json   # ~2 min
     .venv/bin/python benchmarks/capacity.py --plan benchmarks/results/capacity.json \\
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 
 SIZES = (1, 100, 500)
+CHECK_CANDIDATES = 100  # benchmarks/replica_restart.py's default
 
 
 def cpu_seconds(pid: int) -> float:
@@ -63,40 +65,76 @@ class Point:
     p99_ms: float
 
 
+def _window(load: Any, pids: list[int], secs: float) -> tuple[list[Any], float, float]:
+    """The calls answered during ``secs`` seconds of ``load`` (after a 0.5 s warm-up), the CPU seconds the
+    server processes ``pids`` spent meanwhile, and the window's length."""
+    time.sleep(0.5)  # warm-up, not counted
+    n0, cpu0, t0 = len(load.calls), sum(map(cpu_seconds, pids)), time.monotonic()
+    time.sleep(secs)
+    n1, cpu1, t1 = len(load.calls), sum(map(cpu_seconds, pids)), time.monotonic()
+    return load.calls[n0:n1], cpu1 - cpu0, t1 - t0
+
+
+def _pid(replica: Any) -> int:
+    assert replica.proc is not None, f"{replica.name} is not running"
+    return int(replica.proc.pid)
+
+
+def _point(candidates: int, callers: int, window: list[Any], cpu: float, secs: float) -> Point:
+    lat = np.array([x[1] for x in window if x[2] == 0]) * 1000
+    calls = len(window)
+    return Point(candidates, callers, calls, secs, cpu, cpu * 1000 / max(calls, 1), calls / secs,
+                 float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
+
+
 def measure(seconds: float, concurrency: int, work: Path) -> dict[str, Any]:
-    """Serve the serving benchmark's default model with one worker and load it at each size in :data:`SIZES`."""
-    here = Path(__file__).parent
-    sys.path.insert(0, str(here))
-    import bench_serving as bs
+    """Serve the serving benchmark's default model with one worker and load it at each size in :data:`SIZES`;
+    then the same at :data:`CHECK_CANDIDATES` over two such replicas behind one round-robin channel (the
+    replica restart benchmark's setup), whose CPU per request the plan assumes equal to one replica's."""
+    import bench_serving as bs  # this folder is on sys.path when the script runs
     import replica_restart as rr
 
     from features.fitted import FittedTransform
 
     log, artifact, _ = bs.build_artifact(work)
     fitted = FittedTransform.load(artifact / "transform.json")
-    replica = rr.Replica(str(artifact), work, "capacity", args=["--torch-threads", "1"])
-    replica.start()
-    points = []
+    replicas = [rr.Replica(str(artifact), work, f"capacity{i}", args=["--torch-threads", "1"]) for i in range(2)]
+    replicas[0].start()
+    points, two = [], None
     try:
-        assert replica.proc is not None
         for c in SIZES:
             reqs = [r.SerializeToString() for r in bs.make_requests(log, fitted, c, 32)]
             for conc, secs in ((1, max(2.0, seconds / 3)), (concurrency, seconds)):  # low load: p99; high: CPU
-                with rr.Load([f"127.0.0.1:{replica.port}"], reqs, conc) as load:
-                    time.sleep(0.5)  # warm-up, not counted
-                    n0, cpu0, t0 = len(load.calls), cpu_seconds(replica.proc.pid), time.monotonic()
-                    time.sleep(secs)
-                    n1, cpu1, t1 = len(load.calls), cpu_seconds(replica.proc.pid), time.monotonic()
-                    window = load.calls[n0:n1]
-                lat = np.array([x[1] for x in window if x[2] == 0]) * 1000
-                calls = n1 - n0
-                points.append(Point(c, conc, calls, t1 - t0, cpu1 - cpu0, (cpu1 - cpu0) * 1000 / max(calls, 1),
-                                    calls / (t1 - t0), float(np.percentile(lat, 50)), float(np.percentile(lat, 99))))
+                with rr.Load([f"127.0.0.1:{replicas[0].port}"], reqs, conc) as load:
+                    points.append(_point(c, conc, *_window(load, [_pid(replicas[0])], secs)))
                 print(f"{c} candidates, {conc} callers: {points[-1]}", file=sys.stderr, flush=True)
+        replicas[1].start()
+        reqs = [r.SerializeToString() for r in bs.make_requests(log, fitted, CHECK_CANDIDATES, 32)]
+        with rr.Load([f"127.0.0.1:{r.port}" for r in replicas], reqs, concurrency) as load:
+            two = _point(CHECK_CANDIDATES, concurrency, *_window(load, [_pid(r) for r in replicas], seconds))
+        print(f"two replicas: {two}", file=sys.stderr, flush=True)
     finally:
-        replica.stop()
+        for r in replicas:
+            if r.proc is not None:
+                r.stop()
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
-            "concurrency": concurrency, "points": [asdict(p) for p in points]}
+            "concurrency": concurrency, "points": [asdict(p) for p in points], "two_replicas": asdict(two)}
+
+
+def check_two_replicas(measured: dict[str, Any]) -> str:
+    """The plan beside the two-replica run: its CPU per request from the one-replica fit, and the
+    requests/s that the CPU the two replicas really spent buys at that cost, against what they answered."""
+    two = measured.get("two_replicas")
+    if not two:
+        return ""
+    cpu = cpu_ms(measured["points"], two["candidates"])
+    busy = two["server_cpu_s"] / two["seconds"]
+    predicted = busy * 1000 / cpu
+    return (f"Check, two replicas x 1 core behind one round-robin channel at {two['candidates']} candidates, "
+            f"{two['callers']} callers: the plan's {cpu:.2f} ms of CPU per request against "
+            f"{two['cpu_ms_per_request']:.2f} ms measured; at the {busy:.2f} busy cores they used, the plan "
+            f"predicts {predicted:,.0f} req/s, they answered {two['req_s']:,.0f} req/s "
+            f"({two['req_s'] / predicted:.0%} of the prediction).")
 
 
 def fit(points: list[dict[str, Any]]) -> tuple[float, float]:
@@ -188,7 +226,6 @@ def main() -> None:
     ap.add_argument("--cores-per-replica", type=int, default=2)
     ap.add_argument("--job", action="append", default=[],
                     help="batch job name:rows:rows_per_s_per_worker:workers:efficiency (repeatable)")
-    ap.add_argument("--check", default="", help="a line to append (the two-replica comparison)")
     ap.add_argument("--out", type=Path, help="write the measurement (JSON) or the report (Markdown) here")
     args = ap.parse_args()
     if args.measure:
@@ -208,7 +245,7 @@ def main() -> None:
     for j in args.job:
         name, rows, rate, workers, eff = j.split(":")
         jobs.append((name, float(rows), float(rate), int(workers), float(eff)))
-    text = report(measured, plans, jobs, args.check)
+    text = report(measured, plans, jobs, check_two_replicas(measured))
     print(text)
     if args.out:
         args.out.write_text(text)

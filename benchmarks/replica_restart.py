@@ -236,7 +236,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.before_s = args.settle_s = args.after_s = 2.0
-    sys.path.insert(0, str(Path(__file__).parent))
     import bench_serving as bs  # the serving benchmark's synthetic artifact and logged requests
 
     from features.fitted import FittedTransform

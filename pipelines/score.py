@@ -90,9 +90,13 @@ class BatchScorer:
         labels = [t.label for t in self.spec.tasks]
         self.keep = list(dict.fromkeys([*self.spec.keys.present(), *labels, *self.spec.passthrough]))
 
+    def checked(self, raw: pl.DataFrame) -> pl.DataFrame:
+        """``raw`` with ``quarantine_reason``: null for a row to score, else the spec's rule it breaks."""
+        return with_reason(raw.lazy(), self.rules_spec).collect()
+
     def check(self, raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(rows to score, rows the spec rejects with their ``quarantine_reason``)."""
-        checked = with_reason(raw.lazy(), self.rules_spec).collect()
+        checked = self.checked(raw)
         bad = checked[REASON].is_not_null()
         return checked.filter(~bad).drop(REASON), checked.filter(bad)
 
@@ -121,7 +125,7 @@ class BatchScorer:
     def score_all(self, raw: pl.DataFrame) -> pl.DataFrame:
         """Raw rows -> the same rows, in order, with ``quarantine_reason`` and the score columns, which
         are null where the spec rejects the row (the Ray engine's blocks, the pyfunc model's answer)."""
-        checked = with_reason(raw.lazy(), self.rules_spec).collect()
+        checked = self.checked(raw)
         good = checked[REASON].is_null()
         scored = self.score(checked.filter(good).drop(REASON))
         where = np.flatnonzero(good.to_numpy())  # (N_good,) positions of the scored rows
@@ -239,6 +243,13 @@ def open_model(uri: str, tracking_uri: str | None = None, weights: Mapping[str, 
         raise
 
 
+def clear_outputs(out: Path) -> None:
+    """Create ``out`` and remove an earlier run's output files, which would mix with this run's."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("part-*.parquet"), out / "quarantine.parquet"]:
+        old.unlink(missing_ok=True)
+
+
 def score_log(model: str | ScoringModel, source: str | Path, out: str | Path, tracking_uri: str | None = None,
               weights: Mapping[str, float] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> ScoreSummary:
     """Score every row of the raw log ``source`` with ``model`` (a URI, or :func:`open_model`'s) on Polars.
@@ -258,9 +269,7 @@ def score_log(model: str | ScoringModel, source: str | Path, out: str | Path, tr
         scorer = opened.scorer
         with reading("input", source):
             parts = input_parts(scorer.spec, source)
-        out.mkdir(parents=True, exist_ok=True)
-        for old in [*out.glob("part-*.parquet"), out / "quarantine.parquet"]:
-            old.unlink(missing_ok=True)  # an earlier run's files would mix with this one's
+        clear_outputs(out)
         quarantine = _Sink(out / "quarantine.parquet")
         counts = CheckCounts(0, {})
         files = []

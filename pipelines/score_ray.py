@@ -36,7 +36,7 @@ from features.build import log_files
 from features.datasets import ADAPTERS, PARTS
 from features.validate import REASON
 from pipelines.errors import reading
-from pipelines.score import DEFAULT_BATCH_ROWS, BatchScorer, ScoreSummary, ScoringModel, open_model
+from pipelines.score import DEFAULT_BATCH_ROWS, BatchScorer, ScoreSummary, ScoringModel, clear_outputs, open_model
 from ranking.inference import InferenceModel
 
 INSTALL_HINT = "--engine ray needs Ray Data, an optional dependency: pip install -e '.[ray]'"
@@ -150,9 +150,7 @@ def score_log_ray(model: str | ScoringModel, source: str | Path, out: str | Path
                                  num_cpus=per_actor).materialize()
     keep_scored = [*scorer.keep, *scorer.columns]
     raw_columns = [c for c in checked.schema().names if c not in scorer.columns]
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("part-*.parquet"), out / "quarantine.parquet"]:
-        old.unlink(missing_ok=True)
+    clear_outputs(out)
     staged = out / "_ray"
     shutil.rmtree(staged, ignore_errors=True)
     try:
