@@ -26,7 +26,8 @@ from typing import Any
 
 import polars as pl
 
-from features.fitted import STREAM_APART, FittedTransform, Moments, label_col, moment_partials
+from features.fitted import FittedTransform, label_col
+from features.moments import STREAM_APART, Moments, moment_partials
 from features.spec import FeatureSpec
 from features.validate import REASON, CheckCounts, with_reason
 
@@ -247,7 +248,7 @@ def write_summary(
 ) -> BuildSummary:
     """The build's summary from every split's tally, saved as ``summary.json`` (an empty test split's file goes).
 
-    Label rates are the exact means (:class:`features.fitted.Moments`) rounded to 5 places, so they
+    Label rates are the exact means (:class:`features.moments.Moments`) rounded to 5 places, so they
     do not depend on the order rows were summed in (the Ray engine sums per block).
     """
     rows, rates, windows = {}, {}, {}

@@ -18,7 +18,7 @@ How the work is spread (B blocks of raw rows; every per-block step is Polars on 
 4. fit: per block, the sufficient statistics of the training rows (:class:`features.fitted.FitPartial`:
    value counts, exact sums, extremes) and of every split (row counts, exact label sums, days),
    merged on the driver into the :class:`~features.fitted.FittedTransform`; quantile cut points by
-   an exact radix selection (:func:`select_ranks`, four more rounds, only when a feature has
+   an exact radix selection (:func:`features.quantiles.select_ranks`, four more rounds, only when a feature has
    ``quantiles``);
 5. transform: ``map_batches`` with the fitted transform's own expressions, written by the cluster
    (``write_parquet``, partitioned by split); the driver then joins each split's parts into one
@@ -29,11 +29,11 @@ Why the results are equal, not just close:
 
 * counts, minima and maxima do not depend on how rows are blocked; float means and standard
   deviations would (a float sum depends on its order), so both engines compute them from exact
-  integer sums (:func:`features.fitted.moment_partials`) and round once: the same float64 for any
+  integer sums (:func:`features.moments.moment_partials`) and round once: the same float64 for any
   blocking, hence the same content hash. Label rates in ``summary.json`` likewise.
 * quantile cut points: the values at the ranks Polars' ``quantile(q, "nearest")`` picks
-  (:func:`features.fitted.quantile_ranks`), found exactly by counting 16-bit digits of an
-  order-preserving 64-bit key per block (:func:`select_ranks`): no sample, no sketch.
+  (:func:`features.quantiles.quantile_ranks`), found exactly by counting 16-bit digits of an
+  order-preserving 64-bit key per block (:func:`~features.quantiles.select_ranks`): no sample, no sketch.
 * duplicate keys (``validation.unique``) are found within a partition (an input file) by the
   Polars engine, the first row of a key kept; here too: such specs read one Ray block per input
   file, and the build checks it: every block must hold exactly its file's rows, else it stops
@@ -60,11 +60,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import os
 import re
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,27 +85,17 @@ from features.build import (
     split_rule,
     write_summary,
 )
-from features.fitted import (
-    FitPartial,
-    FittedTransform,
-    Moments,
-    cut_points,
-    label_col,
-    label_expressions,
-    merge_moments,
-    moment_partials,
-    quantile_ranks,
-    raw_input_types,
-)
+from features.fitted import FitPartial, FittedTransform, label_col, label_expressions, raw_input_types
+from features.moments import Moments, merge_moments, moment_partials
+from features.quantiles import cut_points, digit_counts, quantile_ranks, select_ranks
+from features.ray_session import Clock, data_context, import_ray, session, user_errors
 from features.spec import FeatureSpec
 from features.validate import REASON, CheckCounts, with_reason
 
 if TYPE_CHECKING:
     from types import ModuleType
 
-INSTALL = "pip install -e .[ray]"
 PARTS = "_ray_parts"  # cluster-written parts under `out`, removed once joined
-_DIGIT = 16  # bits per radix round: four rounds select a 64-bit key
 _MERGE_EVERY = 16  # fit partials merged on the driver in groups of this many (bounded memory)
 
 
@@ -199,20 +186,20 @@ def build(
         ValueError: Ray Data is not installed, the cluster cannot be reached, or any of the errors
             of :func:`features.build.build`.
     """
-    ray = _import_ray()
+    ray = import_ray()
     log = source if isinstance(source, RayLog) else RayLog(tuple(str(Path(f).resolve()) for f in _paths(source)))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    clock = _Clock(timings)
+    clock = Clock(timings)
     whole_files = bool(spec.validation.unique) and checked is None
     parts = out / PARTS
     shutil.rmtree(parts, ignore_errors=True)
     try:
         with contextlib.ExitStack() as stack:
             with clock("ray_init"):
-                stack.enter_context(_session(ray, address))
-            stack.enter_context(_data_context(ray, whole_files))
-            stack.enter_context(_user_errors(ray))
+                stack.enter_context(session(ray, address))
+            stack.enter_context(data_context(ray, whole_files))
+            stack.enter_context(user_errors(ray))
             return _Build(ray, log, spec, out, train_end, checked, whole_files, clock).run()
     finally:
         shutil.rmtree(parts, ignore_errors=True)
@@ -230,7 +217,7 @@ class _Build:
     """One build's passes over the cluster (see the module docstring); state shared by the stages."""
 
     def __init__(self, ray: ModuleType, log: RayLog, spec: FeatureSpec, out: Path, train_end: date | None,
-                 checked: CheckCounts | None, whole_files: bool, clock: _Clock) -> None:
+                 checked: CheckCounts | None, whole_files: bool, clock: Clock) -> None:
         self.ray, self.log, self.spec, self.out = ray, log, spec, out
         self.train_end, self.checked, self.whole_files, self.clock = train_end, checked, whole_files, clock
         self.check = checked is None
@@ -494,72 +481,10 @@ def _fit_block(rows: pl.DataFrame, spec: FeatureSpec, split: pl.Expr, check: boo
     )
 
 
-def quantile_key(column: str) -> pl.Expr:
-    """UInt64 keys ordered as the column's float64 values (NaN largest, ``-0.0`` as ``0.0``); null stays null."""
-    x = pl.col(column).cast(pl.Float64) + 0.0
-    bits = x.reinterpret(dtype=pl.UInt64)
-    top = pl.lit(2**64 - 1, pl.UInt64)
-    return pl.when(x.is_nan()).then(top).when(bits >= 2**63).then(top - bits).otherwise(bits + pl.lit(2**63, pl.UInt64))
-
-
-def digit_counts(train: pl.DataFrame, column: str, prefixes: list[int], round_: int) -> pl.DataFrame:
-    """Round ``round_`` of the radix selection on one block: ``(p, d, n)``, how many keys with
-    higher digits ``p`` (one of ``prefixes``) have ``d`` as their next 16-bit digit."""
-    shift = 64 - _DIGIT * (round_ + 1)
-    keys = train.select(quantile_key(column).alias("k")).drop_nulls()
-    if round_ == 0:
-        prefix = pl.lit(0, pl.UInt64)
-    else:
-        prefix = pl.col("k") // 2 ** (shift + _DIGIT)
-        keys = keys.filter(prefix.is_in(prefixes))
-    digit = (pl.col("k") // 2**shift) % 2**_DIGIT
-    return keys.group_by(prefix.alias("p"), digit.alias("d")).agg(pl.len().cast(pl.Int64).alias("n"))
-
-
 def _digit_block(rows: pl.DataFrame, split: pl.Expr, check: bool, asks: dict[str, tuple[str, list[int]]],
                  round_: int) -> dict[str, pl.DataFrame]:
     train = _good(rows, check).filter(split == "train")
     return {q: digit_counts(train, column, prefixes, round_) for q, (column, prefixes) in asks.items()}
-
-
-def select_ranks(
-    ranks: dict[str, list[int]], count: Callable[[dict[str, list[int]], int], dict[str, pl.DataFrame]]
-) -> dict[str, list[float]]:
-    """The values at the given ranks (0-based, among the sorted non-null values) of each column, exactly.
-
-    A radix selection: every value has a 64-bit key ordered as the values (:func:`quantile_key`:
-    NaN last, as Polars sorts, ``-0.0`` as ``0.0``). Round r asks ``count(prefixes, r)`` for the
-    ``(p, d, n)`` counts of the r-th 16-bit digit ``d`` of the keys whose higher digits are ``p``,
-    one of a rank's prefixes so far (:func:`digit_counts` per block, concatenated); the counts say
-    each rank's next digit and its rank within the narrower prefix. After four rounds the prefix is
-    the whole key, hence the value: exact and independent of the blocking, with at most 65,536
-    counts per rank and block in each round, never the values themselves.
-    """
-    targets = {q: [(0, r) for r in rs] for q, rs in ranks.items() if rs}
-    for round_ in range(64 // _DIGIT):
-        if not targets:
-            break
-        found = count({q: sorted({p for p, _ in ts}) for q, ts in targets.items()}, round_)
-        for q, ts in targets.items():
-            merged = found[q].group_by("p", "d").agg(pl.col("n").sum())
-            targets[q] = [_narrow(merged, p, r) for p, r in ts]
-    return {q: [_from_key(p) for p, _ in targets.get(q, [])] for q in ranks}
-
-
-def _narrow(counts: pl.DataFrame, prefix: int, rank: int) -> tuple[int, int]:
-    """(prefix, rank within it) -> (prefix with the next digit, rank within that), by the merged counts."""
-    digits = counts.filter(pl.col("p") == prefix).sort("d")
-    ends = digits["n"].cum_sum()
-    i = int((ends > rank).arg_max() or 0)
-    before = int(ends[i]) - int(digits["n"][i])
-    return (prefix << _DIGIT) | int(digits["d"][i]), rank - before
-
-
-def _from_key(key: int) -> float:
-    """The float64 a :func:`quantile_key` stands for."""
-    bits = key - 2**63 if key >= 2**63 else 2**64 - 1 - key
-    value: float = struct.unpack("<d", struct.pack("<Q", bits))[0]
-    return value
 
 
 _COMPILED: dict[str, tuple[FittedTransform, list[pl.Expr]]] = {}  # per worker: the last transform's plan
@@ -631,147 +556,3 @@ def _remote(ray: ModuleType) -> Any:
     if "apply" not in _REMOTE:
         _REMOTE["apply"] = ray.remote(_apply)
     return _REMOTE["apply"]
-
-
-def require_ray() -> None:
-    """Fail with one line (how to install it) when Ray Data is missing; the CLI asks before any work."""
-    _import_ray()
-
-
-def _import_ray() -> ModuleType:
-    try:
-        import ray
-        import ray.data  # the extra's part this engine needs
-    except ImportError as e:
-        raise ValueError(f"--engine ray needs Ray Data, which is not installed ({e}): {INSTALL}") from None
-    return ray
-
-
-@contextlib.contextmanager
-def _session(ray: ModuleType, address: str | None) -> Iterator[None]:
-    """Ray for this build: the session already open, else ``ray.init(address)`` (stopped at the end)."""
-    if ray.is_initialized():
-        yield
-        return
-    env = os.environ.get("RAY_ADDRESS")
-    local = {"include_dashboard": False} if address is None and not env else {}
-    notice = _DropMessages(_RAY_INIT_NOTICES)
-    handlers = logging.getLogger("ray").handlers
-    for h in handlers:
-        h.addFilter(notice)
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
-    except ConnectionError as e:
-        raise ValueError(f"Ray cluster {address or env!r}: {_first_line(e)}") from None
-    finally:
-        for h in handlers:
-            h.removeFilter(notice)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-# Ray Data's per-execution INFO lines: which dataset starts, its plan, how long it took. Dropped from
-# the terminal during a build because the build's own summary says what ran; Ray keeps them in its
-# session logs, and its warnings (spilling, backpressure) still show.
-_RAY_DATA_CHATTER = ("Starting execution of Dataset", "Execution plan of Dataset", "✔️  Dataset",
-                     "Progress bars disabled", "Estimated parquet encoding ratio",
-                     "Estimated parquet reader batch size", "Data sink Parquet finished")
-
-
-# What a new local Ray says at start: that it turned token authentication on (its default). The
-# cluster is this build's own, on this machine, and stops with it; nothing to act on.
-_RAY_INIT_NOTICES = ("Token authentication is enabled for this Ray cluster",)
-
-
-class _DropMessages(logging.Filter):
-    """Drop log records whose message starts with one of ``texts``."""
-
-    def __init__(self, texts: tuple[str, ...]) -> None:
-        super().__init__()
-        self.texts = texts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.texts)
-
-
-@contextlib.contextmanager
-def _data_context(ray: ModuleType, whole_files: bool) -> Iterator[None]:
-    """The Ray Data settings of a build, restored afterwards: blocks in order, no progress bars, and,
-    for specs that find duplicates within a file, one block per file (see the module docstring)."""
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.use_datasource_v2, ctx.target_max_block_size, ctx.execution_options.preserve_order,
-             ctx.enable_progress_bars)
-    chatter = _DropMessages(_RAY_DATA_CHATTER)
-    handlers = logging.getLogger("ray.data").handlers
-    for h in handlers:
-        h.addFilter(chatter)
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.use_datasource_v2 = False  # V1: one read task per file (override_num_blocks), in file order
-    if whole_files:
-        ctx.target_max_block_size = None  # a task's rows stay one block
-    try:
-        yield
-    finally:
-        (ctx.use_datasource_v2, ctx.target_max_block_size, ctx.execution_options.preserve_order,
-         ctx.enable_progress_bars) = saved
-        for h in handlers:
-            h.removeFilter(chatter)
-
-
-@contextlib.contextmanager
-def _user_errors(ray: ModuleType) -> Iterator[None]:
-    """A user error raised inside a Ray task (a Polars schema error, a ValueError) surfaces as itself,
-    not wrapped in Ray's task error, so the CLI prints its one line."""
-    try:
-        yield
-    except ray.exceptions.RayError as e:
-        cause: BaseException | None = e
-        while cause is not None and isinstance(cause, ray.exceptions.RayError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if isinstance(cause, ValueError | pl.exceptions.PolarsError | OSError):
-            raise cause from None
-        raise
-
-
-def _first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-
-
-class _Clock:
-    """Seconds per stage into ``timings`` (for the benchmark); nothing is measured without it."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings if timings is not None else {}
-        self.on = timings is not None
-        self.stage = ""
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start, self.stage = time.perf_counter(), stage
-        try:
-            yield
-        finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-
-    def in_task(self, seconds: float) -> None:
-        """Seconds one task of the current stage spent in its block function (``<stage>_task_s``)."""
-        key = f"{self.stage}_task_s"
-        self.timings[key] = self.timings.get(key, 0.0) + seconds
-
-    def ray_stats(self, rows: Any) -> None:
-        """The check pass's in-task seconds from Ray Data's block metadata: the UDF, the output
-        block's serialization, the whole task (summed over blocks)."""
-        if not self.on:
-            return
-        udf = ser = task = 0.0
-        for bundle in rows.iter_internal_ref_bundles():
-            for entry in bundle.blocks:
-                stats = entry.metadata.exec_stats
-                if stats is not None:
-                    udf += stats.function_body_time_s or 0.0
-                    ser += stats.block_ser_time_s or 0.0
-                    task += stats.wall_time_s or 0.0
-        self.timings.update(check_udf_s=udf, check_serialize_s=ser, check_task_s=task)

@@ -223,8 +223,9 @@ def features_build(
     run: Any = build
     if engine == "ray":
         from features import ray_data
+        from features.ray_session import require_ray
 
-        ray_data.require_ray()  # a missing install is one line, before any work
+        require_ray()  # a missing install is one line, before any work
         scan, run = ray_data.ray_log, functools.partial(ray_data.build, address=ray_address)  # Parquet, per block
     with reading("input", input):
         source = scan(dataset, input)

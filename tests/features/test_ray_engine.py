@@ -24,9 +24,10 @@ import pytest
 
 from features.build import build
 from features.datasets import scan_parts
-from features.fitted import FitPartial, FittedTransform, cut_points, quantile_ranks, raw_input_types
+from features.fitted import FitPartial, FittedTransform, raw_input_types
+from features.quantiles import cut_points, digit_counts, quantile_ranks, select_ranks
 from features.ray_data import build as ray_build
-from features.ray_data import digit_counts, ray_log, select_ranks
+from features.ray_data import ray_log
 from features.spec import FeatureSpec, load_spec, parse_spec
 from features.validate import REASON, CheckCounts
 
