@@ -307,12 +307,36 @@ def train_cmd(
         raise ValueError(f"--promote moves 'champion'; it cannot go with --alias {alias!r}")
     if num_nodes is not None and num_nodes < 1:
         raise ValueError(f"--num-nodes must be >= 1, got {num_nodes}")
-    # The local inputs first, before the training stack is imported (seconds) and the store is opened:
-    if not (features / "transform.json").is_file():  # read once, by train
+    # The local inputs first (paths, config, --set, the transform), then the store, then the training
+    # stack (seconds of imports): a bad input is one line at once.
+    if not (features / "transform.json").is_file():
         raise ValueError(f"not a features folder (no transform.json): {str(features)!r}")
     _out_folder(out)
     if config is not None:
         _read_mapping(config, "config file")
+    from features.fitted import FittedTransform
+    from pipelines.train_config import (
+        features_dataset,
+        load_config_file,
+        load_recipe,
+        merge_overrides,
+        parse_overrides,
+        recipe_path,
+    )
+    from pipelines.train_config import model_overrides as typed_overrides
+
+    FittedTransform.load(features / "transform.json")  # checked here (milliseconds); train reads it again
+    with reading("config file", config) if config else nullcontext():
+        fields, model_overrides = load_config_file(config) if config else ({}, {})
+    dataset = features_dataset(features) if config is None and recipe else None
+    bundled = recipe_path(dataset) if dataset else None
+    if bundled is not None:
+        fields, model_overrides = load_recipe(bundled, model or TRAIN.model)
+        shown = {**fields, "model_config": {k: list(v) if isinstance(v, tuple) else v
+                                            for k, v in model_overrides.items()}}
+        typer.echo(f"training settings: the bundled {dataset} recipe ({bundled.name}; --no-recipe or --config "
+                   f"to start from the defaults or a file): {json.dumps(shown)}")
+    overrides = typed_overrides(parse_overrides(set_ or []), "--set")
     from pipelines.tracking import check_reachable, default_tracking_uri
 
     store = tracking_uri or default_tracking_uri()
@@ -325,27 +349,6 @@ def train_cmd(
         with reading("tracking store", store):
             uri = check_reachable(store)  # seconds, not MLflow's minutes of retries
     from pipelines.train import train
-    from pipelines.train_config import (
-        features_dataset,
-        load_config_file,
-        load_recipe,
-        merge_overrides,
-        parse_overrides,
-        recipe_path,
-    )
-    from pipelines.train_config import model_overrides as typed_overrides
-
-    with reading("config file", config) if config else nullcontext():
-        fields, model_overrides = load_config_file(config) if config else ({}, {})
-    dataset = features_dataset(features) if config is None and recipe else None
-    bundled = recipe_path(dataset) if dataset else None
-    if bundled is not None:
-        fields, model_overrides = load_recipe(bundled, model or TRAIN.model)
-        shown = {**fields, "model_config": {k: list(v) if isinstance(v, tuple) else v
-                                            for k, v in model_overrides.items()}}
-        typer.echo(f"training settings: the bundled {dataset} recipe ({bundled.name}; --no-recipe or --config "
-                   f"to start from the defaults or a file): {json.dumps(shown)}")
-    overrides = typed_overrides(parse_overrides(set_ or []), "--set")
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "accelerator": accelerator,
              "strategy": strategy, "devices": (int(devices) if devices and devices.isdigit() else devices),
              "num_nodes": num_nodes,

@@ -103,6 +103,11 @@ CASES = [
          names=("{list_yaml}", "mapping")),
     case("train-set-wrong-type", "train", "--features", "{features}", "--set", "num_experts=four",
          names=("num_experts", "int", "'four'")),
+    # local inputs are checked before the store is opened and the training stack imported (seconds)
+    case("train-set-before-the-store", "train", "--features", "{features}", "--set", "num_experts=four",
+         "--tracking-uri", "http://127.0.0.1:9", names=("num_experts", "'four'")),
+    case("train-transform-before-the-store", "train", "--features", "{bad_features}", "--tracking-uri",
+         "http://127.0.0.1:9", names="transform.json"),
     case("train-out-is-a-file", "train", "--features", "{features}", "--out", "{file}", names="{file}"),
     case("train-file-store", "train", "--features", "{features}", "--tracking-uri", "file:///{root}/mlruns",
          names="file:///{root}/mlruns"),

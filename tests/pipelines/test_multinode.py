@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import pytest
+import torch
 from mlflow import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -171,6 +173,16 @@ def test_ddp_over_two_nodes_under_torchrun(ddp_two_nodes: Run, ddp_one_node: Run
     assert_same_metrics(ddp_two_nodes.metrics, ddp_one_node.metrics)
 
 
+def test_one_node_of_two_processes_trains_each_rank_on_half_the_rows(small_features: Path, ddp_one_node: Run) -> None:
+    """``--devices 2 --strategy ddp`` on one machine: two gloo processes, one registered version."""
+    assert ddp_one_node.stdout[0].count("registered version 1") == 1  # only rank 0 exports and registers
+    assert "MEMBER: 2/2" in ddp_one_node.stderr[0]
+    state = torch.load(ddp_one_node.outs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    rows = pl.scan_parquet(small_features / "train.parquet").select(pl.len()).collect().item()
+    per_rank = -(-rows // 2)  # each rank trains on half the rows (the sampler pads by wrapping)
+    assert state["global_step"] == -(-per_rank // 256)
+
+
 def test_two_nodes_agree_loosely_with_one_process_of_the_same_global_batch(
         small_features: Path, tmp_path: Path, ddp_two_nodes: Run) -> None:
     single = one_node(small_features, tmp_path, 1, ["--epochs", "1", "--batch-size", "512"])
@@ -191,6 +203,11 @@ def test_sharded_tables_over_two_nodes_under_lightnings_launcher(small_features:
     two.check()
     one.check()
     assert_rank_zero_alone_recorded(two)
+    assert one.stdout[0].count("registered version 1") == 1
+    # the checkpoint holds full tables; the exported artifact is an ordinary (unsharded) model
+    state = torch.load(one.outs[0] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    item = state["model.embeddings.embedding_bags.t_item_id.weight"]
+    assert isinstance(item, torch.Tensor) and item.shape[0] > 1000
     plan = (two.outs[0] / "sharding_plan.txt").read_text()
     ranks = {line.split("|")[-1].strip() for line in plan.splitlines() if "table_wise" in line}
     assert ranks == {"[0]", "[1]"}, plan[:2000]  # rank 1 is node 1's only process
