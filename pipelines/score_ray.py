@@ -13,7 +13,8 @@ The log must be Parquet in the spec's raw columns (a file or a date-partitioned 
 (KuaiRand, census) need the Polars engine, or their rows written as such a log first.
 
 Output layout as :mod:`pipelines.score` (``part-*.parquet``, ``quarantine.parquet``,
-``summary.json``). Ray is an optional dependency (``pip install -e .[ray]``), imported here only.
+``summary.json``). Ray is an optional dependency (``pip install -e .[ray]``), imported inside the
+functions only (:func:`features.ray_session.import_ray`).
 """
 
 from __future__ import annotations
@@ -34,22 +35,11 @@ import pyarrow.parquet as pq
 
 from features.build import log_files
 from features.datasets import ADAPTERS, PARTS
+from features.ray_session import import_ray
 from features.validate import REASON
 from pipelines.errors import reading
 from pipelines.score import DEFAULT_BATCH_ROWS, BatchScorer, ScoreSummary, ScoringModel, clear_outputs, open_model
 from ranking.inference import InferenceModel
-
-INSTALL_HINT = "--engine ray needs Ray Data, an optional dependency: pip install -e '.[ray]'"
-
-
-def import_ray() -> Any:
-    """The ``ray`` module with Ray Data, or a ``ValueError`` that says how to install it."""
-    try:
-        import ray
-        import ray.data  # the part of Ray this engine uses
-    except ImportError as e:
-        raise ValueError(f"{INSTALL_HINT} ({e})") from None
-    return ray
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
